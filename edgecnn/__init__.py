@@ -1,0 +1,3 @@
+"""edgecnn: small CNN classifiers from PyTorch training to edge runtimes."""
+
+__version__ = "0.1.0"

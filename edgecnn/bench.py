@@ -1,0 +1,174 @@
+"""Latency and throughput: warm-up excluded, rotating real-looking inputs, percentiles per batch size."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+
+@dataclass
+class BenchRow:
+    runtime: str
+    device: str
+    precision: str
+    batch: int
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float  # images per second over the timed iterations
+    load_s: float  # model load / compile time (cold start)
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(batch: int, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), buffers: int = 4,
+                seed: int = 0) -> list[np.ndarray]:
+    """``buffers`` distinct batches of built-in data-set images (not zeros), normalized."""
+    from .data import synthetic_dataset
+
+    n = batch * buffers
+    ds = synthetic_dataset(per_class=min(-(-n // 6), 64), seed=seed)
+    idx = np.random.default_rng(seed).integers(0, len(ds), size=n)
+    x = ds.subset(idx).tensors(mean, std)
+    return [np.ascontiguousarray(x[i * batch : (i + 1) * batch]) for i in range(buffers)]
+
+
+def time_runtime(rt, batch: int, *, warmup: int = 5, min_time: float = 1.0, min_iters: int = 10,
+                 max_iters: int = 10_000, load_s: float = 0.0) -> BenchRow:
+    meta = rt.metadata()
+    mean, std = _json_or(meta, "mean", (0.5, 0.5, 0.5)), _json_or(meta, "std", (0.25, 0.25, 0.25))
+    inputs = make_inputs(batch, mean, std)
+    for i in range(warmup):
+        rt.run(inputs[i % len(inputs)])
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
+        x = inputs[len(times) % len(inputs)]
+        t0 = time.perf_counter()
+        rt.run(x)
+        times.append(time.perf_counter() - t0)
+    t = np.asarray(times) * 1e3
+    return BenchRow(rt.name, rt.device, getattr(rt, "actual_precision", rt.precision), batch, len(t),
+                    float(np.percentile(t, 50)), float(np.percentile(t, 90)), float(np.percentile(t, 99)),
+                    float(t.mean()), float(batch * len(t) / (t.sum() / 1e3)), load_s)
+
+
+def _json_or(meta: dict, key: str, default):
+    import json
+
+    try:
+        return json.loads(meta[key])
+    except (KeyError, ValueError):
+        return default
+
+
+def relax_batch(onnx_path: Path, out: Path) -> Path:
+    """Copy of a fixed-batch ONNX model with a symbolic batch axis (for batch > 1 timing)."""
+    import onnx
+
+    m = onnx.load(str(onnx_path))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        d = vi.type.tensor_type.shape.dim[0]
+        d.ClearField("dim_value")
+        d.dim_param = "batch"
+    onnx.save(m, str(out))
+    return out
+
+
+def default_model(folder: Path, num_classes: int = 6) -> tuple[Path, Path]:
+    """A freshly exported default Net (random weights; latency does not depend on them)."""
+    import torch
+
+    from edgecnn.exporters.onnx import export
+
+    from .checkpoint import Checkpoint, save_checkpoint
+    from .model import Net
+
+    torch.manual_seed(0)
+    net = Net(num_classes)
+    pt = folder / "default_net.pt"
+    save_checkpoint(Checkpoint(net.state_dict(), num_classes, [f"class_{i}" for i in range(num_classes)]), pt)
+    res = export(pt, folder / "default_net.onnx", dynamic_batch=True, check=False)
+    return res.path, pt
+
+
+def model_for_runtime(runtime: str, model: Path) -> Path:
+    """The file a runtime reads: torch needs the checkpoint an ONNX file was exported from."""
+    from edgecnn.runtimes import get_runtime_class
+
+    suffixes = get_runtime_class(runtime).suffixes
+    if model.suffix.lower() in suffixes:
+        return model
+    if runtime == "torch" and model.suffix.lower() == ".onnx":
+        sib = model.with_suffix(".pt")
+        if sib.is_file():
+            from .checkpoint import sha256_file
+
+            meta_sha = _onnx_meta(model).get("source_sha256")
+            if meta_sha is None or meta_sha == sha256_file(sib):
+                return sib
+        raise InvalidInputError(f"runtime torch needs the .pt checkpoint {model} was exported from; pass it instead")
+    raise InvalidInputError(f"runtime {runtime} reads {'/'.join(suffixes)} files, not {model.name}")
+
+
+def _onnx_meta(path: Path) -> dict:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[int], *, precision: str = "fp32",
+          threads: int | None = None, min_time: float = 1.0, warmup: int = 5, progress=None) -> list[BenchRow]:
+    from edgecnn.runtimes import load_runtime
+
+    if not batches or min(batches) < 1:
+        raise InvalidInputError("batch sizes must be >= 1")
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory(prefix="edgecnn-bench-") as td:
+        tmp = Path(td)
+        if model is None:
+            onnx_path, pt_path = default_model(tmp)
+            paths = {"onnx": onnx_path, "pt": pt_path}
+        else:
+            model = Path(model)
+            if not model.is_file():
+                raise InvalidInputError(f"{model}: no such model file")
+            paths = None
+        for name in runtimes:
+            if paths is not None:
+                path = paths["pt"] if name == "torch" else paths["onnx"]
+            else:
+                path = model_for_runtime(name, model)
+            t0 = time.perf_counter()
+            rt = load_runtime(name, path, precision=precision, threads=threads)
+            load_s = time.perf_counter() - t0
+            relaxed = None
+            try:
+                for b in batches:
+                    target, note = rt, ""
+                    if rt.input_shape[0] is not None and rt.input_shape[0] != b:
+                        if relaxed is None:
+                            relaxed = load_runtime(name, relax_batch(path, tmp / f"relaxed_{path.name}"),
+                                                   precision=precision, threads=threads)
+                        target, note = relaxed, "batch axis made symbolic for this run"
+                    row = time_runtime(target, b, warmup=warmup, min_time=min_time, load_s=load_s)
+                    row.note = note
+                    rows.append(row)
+                    if progress:
+                        progress(row)
+            finally:
+                rt.close()
+                if relaxed is not None:
+                    relaxed.close()
+    return rows

@@ -1,0 +1,298 @@
+"""The edgecnn command line: demo, train, export, verify, bench, predict, runtimes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_INTERNAL, EdgeCNNError, InvalidInputError
+
+
+class _Group(click.Group):
+    """Turns every EdgeCNNError into one line on stderr and its exit code; never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeCNNError as e:
+            click.echo(f"edgecnn: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("edgecnn: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if os.environ.get("EDGECNN_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"edgecnn: internal error: {type(e).__name__}: {first[:200]} "
+                       f"(set EDGECNN_DEBUG=1 for a traceback and report it)", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _csv_ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("values must be >= 1")
+    return out
+
+
+def _csv(ctx, param, value):
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _write_json(path: str, obj) -> None:
+    from ._io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    click.echo(f"wrote {path}", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgecnn")
+def cli():
+    """Train, export, verify, benchmark and deploy a small CNN image classifier."""
+    warnings.filterwarnings("ignore")
+
+
+# ---------------------------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--data", type=click.Path(), default=None, help="Image folder root/<class>/<image>; default: built-in synthetic set.")
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--per-class", type=int, default=2000, show_default=True, help="Built-in set: images per class.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch intra-op threads.")
+@click.option("-o", "--output", type=click.Path(), default="model.pt", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress):
+    """Train the seed Net and write a checkpoint with its metadata."""
+    res = _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress)
+    click.echo(f"validation accuracy {res.val_accuracy * 100:.2f}% after {len(res.history)} epochs "
+               f"({res.seconds:.0f} s); wrote {output}")
+
+
+def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress):
+    from .data import load_dataset
+    from .train import TrainConfig, train_to_file
+
+    out = Path(output)
+    if out.suffix.lower() not in (".pt", ".pth"):
+        raise InvalidInputError(f"{out}: the checkpoint file must end in .pt")
+    ds = load_dataset(data, per_class=per_class, seed=seed)
+    click.echo(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})", err=True)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
+                      threads=threads, progress=progress)
+    return train_to_file(ds, cfg, out, log=lambda s: click.echo(s, err=True))
+
+
+# ---------------------------------------------------------------------------------------------- export
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None, help="Default: the checkpoint's name with .onnx.")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic (default: fixed 1x3x64x64).")
+@click.option("--check/--no-check", default=True, show_default=True, help="Parity check against PyTorch on ort-cpu.")
+@click.option("--data", type=click.Path(), default=None, help="Image folder for the parity check's data-set inputs.")
+@click.option("--rtol", type=float, default=None)
+@click.option("--atol", type=float, default=None)
+def export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol):
+    """Export a checkpoint (edgecnn's or a bare Net state_dict) to ONNX, checked against PyTorch."""
+    from .report import verify_table
+
+    res = _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol)
+    if res.parity:
+        click.echo(verify_table(res.parity))
+    click.echo(f"wrote {res.path} (opset {res.opset}, input [{'batch' if res.dynamic_batch else 1},3,64,64])")
+
+
+def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol):
+    from edgecnn.exporters.onnx import export as do_export
+
+    return do_export(checkpoint, output, opset=opset, dynamic_batch=dynamic_batch, check=check, data=data,
+                     rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------- verify
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--against", "against", type=click.Path(), required=True, help="The PyTorch checkpoint (.pt).")
+@click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv,
+              help="Comma-separated runtimes, or 'all'.")
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--rtol", type=float, default=None, help="Override the precision's default rtol.")
+@click.option("--atol", type=float, default=None, help="Override the precision's default atol.")
+@click.option("--data", type=click.Path(), default=None, help="Image folder for data-set inputs (default: built-in set).")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON.")
+def verify(model, against, runtimes, precision, rtol, atol, data, json_out):
+    """Compare MODEL's logits on each runtime with PyTorch's; exit 1 on any failure."""
+    from .report import verify_table
+
+    rows = _verify(model, against, runtimes, precision, rtol, atol, data)
+    click.echo(verify_table(rows))
+    if json_out:
+        _write_json(json_out, [r.as_dict() for r in rows])
+    failed = [r for r in rows if r.status == "FAIL"]
+    if failed:
+        click.echo(f"edgecnn: error: parity failed on {', '.join(r.runtime for r in failed)}", err=True)
+        sys.exit(1)
+    if not any(r.status == "pass" for r in rows):
+        click.echo("edgecnn: error: no runtime could run the check", err=True)
+        sys.exit(3)
+
+
+def _verify(model, against, runtimes, precision, rtol, atol, data):
+    from edgecnn.runtimes import get_runtime_class, runtime_names
+
+    from .checkpoint import load_checkpoint
+    from .parity import VerifyRow, check_runtime, parity_inputs, reference_logits, tolerance_for
+
+    model_path = Path(model)
+    if not model_path.is_file():
+        raise InvalidInputError(f"{model_path}: no such model file")
+    ckpt = load_checkpoint(against)
+    names = runtime_names() if runtimes == ["all"] else runtimes
+    tol = tolerance_for(precision, rtol, atol)
+    batches = parity_inputs(ckpt.mean, ckpt.std, data=data)
+    refs = reference_logits(ckpt, batches)
+    rows = []
+    for name in names:
+        cls = get_runtime_class(name)
+        ok, why = cls.available()
+        if not ok:
+            rows.append(VerifyRow(name, precision, "-", "skipped", note=why))
+            continue
+        path = Path(against) if model_path.suffix.lower() not in cls.suffixes else model_path
+        rows.append(check_runtime(path, name, precision, batches, refs, tol))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- bench
+@cli.command()
+@click.argument("model", type=click.Path(), required=False)
+@click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv)
+@click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_csv_ints)
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed runs per cell.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--json", "json_out", type=click.Path(), default=None)
+def bench(model, runtimes, batches, precision, threads, min_time, warmup, json_out):
+    """Latency percentiles and throughput per batch size (without MODEL: a freshly exported default Net)."""
+    from . import bench as b
+    from .report import bench_table
+
+    rows = b.bench(model, runtimes, batches, precision=precision, threads=threads, min_time=min_time,
+                   warmup=warmup, progress=lambda r: click.echo(
+                       f"  {r.runtime} batch {r.batch}: p50 {r.p50_ms:.3f} ms, {r.throughput:,.0f} img/s", err=True))
+    click.echo(bench_table(rows))
+    if json_out:
+        _write_json(json_out, {"model": str(model) if model else "default Net (random weights)",
+                               "rows": [r.as_dict() for r in rows]})
+
+
+# ---------------------------------------------------------------------------------------------- predict
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--runtime", default="ort-cpu", show_default=True)
+def predict(model, images, top_k, runtime):
+    """Print the top-k labels and probabilities for each image."""
+    from edgecnn.runtimes import Classifier
+
+    if not images:
+        raise InvalidInputError("no images given")
+    with Classifier(model, runtime=runtime) as clf:
+        for img, preds in zip(images, clf.classify(list(images), top_k=top_k)):
+            click.echo(f"{img}: " + ", ".join(f"{label} {p:.4f}" for label, p in preds))
+
+
+# ---------------------------------------------------------------------------------------------- runtimes
+@cli.command("runtimes")
+def runtimes_cmd():
+    """List every registered runtime and whether it is usable here."""
+    from edgecnn.runtimes import get_runtime_class, runtime_names
+
+    from .report import table
+
+    rows = []
+    for name in runtime_names():
+        ok, why = get_runtime_class(name).available()
+        rows.append([name, "yes" if ok else "no", why])
+    click.echo(table(["runtime", "usable", "why not"], rows))
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("-o", "--output", type=click.Path(), default="edgecnn-demo", show_default=True,
+              help="Folder for the demo's artefacts.")
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--per-class", type=int, default=2000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def demo(output, epochs, per_class, seed, progress):
+    """Train on the built-in set, export, verify, benchmark; print one summary table."""
+    from . import bench as b
+    from .report import bench_table, table, verify_table
+
+    t0 = time.perf_counter()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    click.echo(f"[1/4] training on the built-in synthetic set -> {out / 'model.pt'}", err=True)
+    res = _train(None, epochs, 32, 1e-3, seed, per_class, 0.2, None, out / "model.pt", progress)
+    click.echo(f"[2/4] exporting -> {out / 'model.onnx'}", err=True)
+    exp = _export(out / "model.pt", out / "model.onnx", 17, False, True, None, None, None)
+    click.echo("[3/4] verifying against PyTorch", err=True)
+    rows = _verify(out / "model.onnx", out / "model.pt", ["ort-cpu", "torch"], "fp32", None, None, None)
+    click.echo("[4/4] benchmarking", err=True)
+    bench_rows = b.bench(out / "model.onnx", ["ort-cpu", "torch"], [1, 64], min_time=1.0)
+    _write_json(str(out / "summary.json"), {
+        "val_accuracy": res.val_accuracy, "history": res.history,
+        "export_parity": [r.as_dict() for r in exp.parity],
+        "verify": [r.as_dict() for r in rows], "bench": [r.as_dict() for r in bench_rows],
+    })
+    click.echo("\nverify (model.onnx vs model.pt):\n" + verify_table(rows))
+    click.echo("\nbench:\n" + bench_table(bench_rows))
+    by = {(r.runtime, r.batch): r for r in bench_rows}
+    summary = [
+        ["validation accuracy", f"{res.val_accuracy * 100:.2f}% ({len(res.history)} epochs, {res.seconds:.0f} s)"],
+        ["export parity (ort-cpu)", f"{exp.parity[0].status}, max abs {exp.parity[0].result.max_abs:.2e}"],
+        ["verify", ", ".join(f"{r.runtime} {r.status}" for r in rows)],
+    ]
+    for rt in ("ort-cpu", "torch"):
+        r1, r64 = by[(rt, 1)], by[(rt, 64)]
+        summary.append([f"{rt} latency b1 p50", f"{r1.p50_ms:.3f} ms"])
+        summary.append([f"{rt} throughput b64", f"{r64.throughput:,.0f} img/s"])
+    summary.append(["artefacts", f"{out}/ (model.pt, model.onnx, summary.json)"])
+    summary.append(["total time", f"{time.perf_counter() - t0:.0f} s"])
+    click.echo("\nsummary:\n" + table(["item", "value"], summary))
+    if any(r.status != "pass" for r in rows):
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="edgecnn")
+
+
+if __name__ == "__main__":
+    main()

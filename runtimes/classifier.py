@@ -1,0 +1,102 @@
+"""Classifier: raw images in, top-k labels out, on any registered runtime. Torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecnn.errors import InvalidInputError, InvalidModelError
+
+from .base import Runtime, load_runtime
+from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, preprocess, softmax
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the device needs to know about a model, read from its metadata."""
+
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], num_classes: int, input_size: int) -> ModelInfo:
+        try:
+            names = json.loads(meta["class_names"]) if "class_names" in meta else None
+            mean = json.loads(meta["mean"]) if "mean" in meta else DEFAULT_MEAN
+            std = json.loads(meta["std"]) if "std" in meta else DEFAULT_STD
+        except json.JSONDecodeError as e:
+            raise InvalidModelError(f"model metadata is not valid JSON: {e}") from None
+        if names is None:
+            names = [f"class_{i}" for i in range(num_classes)]
+        if len(names) != num_classes:
+            raise InvalidModelError(
+                f"model metadata names {len(names)} classes but the model outputs {num_classes}"
+            )
+        if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
+            raise InvalidModelError(f"model metadata has a bad mean/std: {mean} / {std}")
+        return cls(tuple(map(str, names)), tuple(map(float, mean)), tuple(map(float, std)), input_size)
+
+
+class Classifier:
+    """A model on a runtime, with the model's own preprocessing and labels.
+
+    >>> clf = Classifier("model.onnx", runtime="ort-cpu")
+    >>> clf.classify(["cat.png"], top_k=3)   # [[("circle", 0.98), ...]]
+    """
+
+    def __init__(self, model_path: str | os.PathLike, runtime: str = "ort-cpu", **options):
+        self.runtime: Runtime = load_runtime(runtime, model_path, **options)
+        _, _, h, w = self.runtime.input_shape
+        if h != w:
+            raise InvalidModelError(f"{model_path}: expected a square input, got {h}x{w}")
+        num_classes = self.runtime.run(np.zeros((1, 3, h, w), np.float32)).shape[-1]
+        self.info = ModelInfo.from_metadata(self.runtime.metadata(), num_classes, h)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
+        return preprocess(images, self.info.mean, self.info.std, self.info.input_size)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, H, W), already normalized -> logits (N, C)."""
+        return self.runtime.run(batch)
+
+    def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
+        return softmax(self.run(self.preprocess(self._as_list(images))))
+
+    def classify(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """Images (paths, PIL images, uint8 HWC arrays) -> per image, the top_k (label, probability)."""
+        if top_k < 1:
+            raise InvalidInputError(f"top_k must be >= 1, got {top_k}")
+        probs = self.probabilities(images)
+        k = min(top_k, probs.shape[1])
+        out = []
+        for p in probs:
+            idx = np.argsort(-p, kind="stable")[:k]
+            out.append([(self.info.class_names[i], float(p[i])) for i in idx])
+        return out
+
+    @staticmethod
+    def _as_list(images) -> list:
+        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            return [images]
+        if hasattr(images, "convert") and hasattr(images, "size"):  # a single PIL image
+            return [images]
+        return list(images)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

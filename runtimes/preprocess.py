@@ -1,0 +1,102 @@
+"""Image preprocessing shared by training data, the CLI and the device Classifier (numpy + Pillow only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from edgecnn.errors import InvalidInputError
+
+INPUT_SIZE = 64
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.25, 0.25, 0.25)
+# Pillow refuses images above this many pixels (decompression-bomb guard); 8k x 8k is plenty.
+MAX_PIXELS = 8192 * 8192
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"{p}: no such image file")
+    try:
+        with Image.open(p) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise InvalidInputError(f"{p}: image too large ({im.width}x{im.height})")
+            im.load()
+            return im.copy()
+    except InvalidInputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidInputError(f"{p}: not a readable image ({type(e).__name__})") from None
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or 0 in a.shape:
+        raise InvalidInputError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise InvalidInputError(f"image array must be uint8 (0-255), got {a.dtype}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), mode="RGB")
+
+
+def to_rgb_uint8(image: ImageLike, size: int = INPUT_SIZE) -> np.ndarray:
+    """Any supported image (path, PIL image, uint8 array) -> uint8 array (size, size, 3), RGB.
+
+    Mode conversions: grayscale is replicated, alpha is dropped (composited on black by Pillow's
+    RGB conversion), palette and 16-bit images are converted by Pillow. Resizing is bilinear.
+    """
+    if isinstance(image, np.ndarray):
+        im = _from_array(image)
+    elif isinstance(image, Image.Image):
+        im = image
+    elif isinstance(image, (str, os.PathLike)):
+        im = _open(image)
+    else:
+        raise InvalidInputError(f"unsupported image type {type(image).__name__}")
+    if im.width == 0 or im.height == 0:
+        raise InvalidInputError("empty image (0 pixels)")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W), scaled to [0, 1] then (x - mean) / std."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess(
+    images: Sequence[ImageLike],
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+    size: int = INPUT_SIZE,
+) -> np.ndarray:
+    """A list of images -> float32 batch (N, 3, size, size) ready for a runtime."""
+    if len(images) == 0:
+        raise InvalidInputError("no images given")
+    return normalize(np.stack([to_rgb_uint8(im, size) for im in images]), mean, std)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
