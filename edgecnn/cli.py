@@ -115,21 +115,34 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
 @click.option("--data", type=click.Path(), default=None, help="Image folder for the parity check's data-set inputs.")
 @click.option("--rtol", type=float, default=None)
 @click.option("--atol", type=float, default=None)
-def export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol):
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Apply the exact graph passes (bit-identical logits), e.g. Elu->MaxPool to MaxPool->Elu.")
+@click.option("--embed-preprocessing", is_flag=True,
+              help="Input uint8 RGB [N,64,64,3]; cast, /255, mean/std and layout change inside the graph.")
+@click.option("--embed-softmax", is_flag=True, help="With --embed-preprocessing: output probabilities, not logits.")
+def export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize, embed_preprocessing,
+           embed_softmax):
     """Export a checkpoint (edgecnn's or a bare Net state_dict) to ONNX, checked against PyTorch."""
     from .report import verify_table
 
-    res = _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol)
+    res = _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize,
+                  embed_preprocessing=embed_preprocessing, embed_softmax=embed_softmax)
+    for name, detail in res.passes:
+        click.echo(f"graph pass {name}: {detail}")
+    if not optimize:
+        click.echo("graph passes: off (--no-optimize)")
     if res.parity:
         click.echo(verify_table(res.parity))
-    click.echo(f"wrote {res.path} (opset {res.opset}, input [{'batch' if res.dynamic_batch else 1},3,64,64])")
+    n = 'batch' if res.dynamic_batch else 1
+    spec = f"uint8 [{n},64,64,3]" if embed_preprocessing else f"[{n},3,64,64]"
+    click.echo(f"wrote {res.path} (opset {res.opset}, input {spec})")
 
 
-def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol):
+def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize=True, **embed):
     from edgecnn.exporters.onnx import export as do_export
 
     return do_export(checkpoint, output, opset=opset, dynamic_batch=dynamic_batch, check=check, data=data,
-                     rtol=rtol, atol=atol)
+                     rtol=rtol, atol=atol, optimize=optimize, **embed)
 
 
 # ---------------------------------------------------------------------------------------------- verify

@@ -60,12 +60,18 @@ def add_metadata(model, meta: dict[str, str]) -> None:
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, opset: int = DEFAULT_OPSET,
            dynamic_batch: bool = False, check: bool = True, data: str | os.PathLike | None = None,
-           rtol: float | None = None, atol: float | None = None) -> ExportResult:
+           rtol: float | None = None, atol: float | None = None, optimize: bool = True,
+           embed_preprocessing: bool = False, embed_softmax: bool = False) -> ExportResult:
     """Export ``checkpoint`` to ONNX at ``out`` (default: beside it, .onnx).
 
     The file is written to a temp path, checked with onnx.checker (full_check), compared with
-    PyTorch on ONNX Runtime CPU, and only then renamed into place.
+    PyTorch on ONNX Runtime CPU, and only then renamed into place. ``optimize`` applies the exact
+    graph passes of edgecnn.exporters.passes (recorded in ``result.passes``). ``embed_preprocessing``
+    makes the input raw uint8 RGB (N, H, W, 3) with the normalization inside the graph
+    (edgecnn.exporters.embed); ``embed_softmax`` also ends the graph in Softmax.
     """
+    if embed_softmax and not embed_preprocessing:
+        raise InvalidInputError("--embed-softmax needs --embed-preprocessing")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InvalidInputError(f"opset {opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     onnx = _import_onnx()
@@ -79,10 +85,25 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
         model = onnx.load(str(tmp))
         add_metadata(model, ckpt.onnx_metadata())
         model.producer_name = "edgecnn"
+        if optimize:
+            from .passes import optimize as run_passes
+
+            result.passes = [(p.name, p.detail) for p in run_passes(model)]
+        if embed_preprocessing:
+            from . import embed
+
+            result.passes.append(("embed-preprocessing", embed.embed_preprocessing(
+                model, ckpt.mean, ckpt.std, softmax=embed_softmax)))
+            add_metadata(model, embed.embedded_metadata(embed_softmax))
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         if check:
-            result.parity = [parity_check(tmp, ckpt, data=data, rtol=rtol, atol=atol)]
+            if embed_preprocessing:
+                from .embed import parity_check as embedded_parity_check
+
+                result.parity = [embedded_parity_check(tmp, ckpt, embed_softmax, data=data, rtol=rtol, atol=atol)]
+            else:
+                result.parity = [parity_check(tmp, ckpt, data=data, rtol=rtol, atol=atol)]
             if result.parity[0].status != "pass":
                 raise ParityError(f"exported model does not match PyTorch on ort-cpu: {result.parity[0].note}; "
                                   f"{out} was not written")
