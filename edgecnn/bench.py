@@ -164,6 +164,9 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
                         target, note = relaxed, "batch axis made symbolic for this run"
                     row = time_runtime(target, b, warmup=warmup, min_time=min_time, load_s=load_s)
                     row.note = note
+                    file_precision = rt.metadata().get("precision")  # int8 / fp16 files from `quantize`
+                    if file_precision and file_precision != "fp32":
+                        row.precision = file_precision
                     rows.append(row)
                     if progress:
                         progress(row)

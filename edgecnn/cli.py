@@ -150,15 +150,26 @@ def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, o
 @click.argument("model", type=click.Path())
 @click.option("--against", "against", type=click.Path(), required=True, help="The PyTorch checkpoint (.pt).")
 @click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv,
-              help="Comma-separated runtimes, or 'all'.")
-@click.option("--precision", default="fp32", show_default=True)
+              help="Comma-separated runtimes, or 'all' (every runtime x every precision it supports).")
+@click.option("--precision", default=None, help="fp32, fp16, bf16, ... [default: fp32; with --runtime all: every one]")
 @click.option("--rtol", type=float, default=None, help="Override the precision's default rtol.")
 @click.option("--atol", type=float, default=None, help="Override the precision's default atol.")
 @click.option("--data", type=click.Path(), default=None, help="Image folder for data-set inputs (default: built-in set).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON.")
-def verify(model, against, runtimes, precision, rtol, atol, data, json_out):
+@click.option("--isolate", is_flag=True, help="Run the check in a child process (untrusted models: a crash becomes an error).")
+def verify(model, against, runtimes, precision, rtol, atol, data, json_out, isolate):
     """Compare MODEL's logits on each runtime with PyTorch's; exit 1 on any failure."""
     from .report import verify_table
+
+    if isolate:
+        from .isolate import isolated_cli
+
+        args = ["verify", str(model), "--against", str(against), "--runtime", ",".join(runtimes)]
+        for flag, val in (("--precision", precision), ("--rtol", rtol), ("--atol", atol), ("--data", data),
+                          ("--json", json_out)):
+            if val is not None:
+                args += [flag, str(val)]
+        sys.exit(isolated_cli(args, f"verifying {model}"))
 
     rows = _verify(model, against, runtimes, precision, rtol, atol, data)
     click.echo(verify_table(rows))
@@ -174,29 +185,27 @@ def verify(model, against, runtimes, precision, rtol, atol, data, json_out):
 
 
 def _verify(model, against, runtimes, precision, rtol, atol, data):
-    from edgecnn.runtimes import get_runtime_class, runtime_names
+    from edgecnn.runtimes import get_runtime_class
 
     from .checkpoint import load_checkpoint
-    from .parity import VerifyRow, check_runtime, parity_inputs, reference_logits, tolerance_for
+    from .parity import matrix_cells, parity_inputs, reference_logits, tolerance_for, verify_cells
 
     model_path = Path(model)
     if not model_path.is_file():
         raise InvalidInputError(f"{model_path}: no such model file")
     ckpt = load_checkpoint(against)
-    names = runtime_names() if runtimes == ["all"] else runtimes
-    tol = tolerance_for(precision, rtol, atol)
-    batches = parity_inputs(ckpt.mean, ckpt.std, data=data)
+    every = runtimes == ["all"]
+    names = None if every else [get_runtime_class(n).name for n in runtimes]  # unknown names fail here
+    # --runtime all: every runtime x every precision it supports, unless --precision names one.
+    precision = precision or (None if every else "fp32")
+    if precision is not None:
+        tolerance_for(precision, rtol, atol)
+    cells = matrix_cells(model_path, Path(against), names, precision)
+    # int8's verdict is task-level (top-1 agreement >= 97%): judge it on 300 data-set images, not 48.
+    n_data = 300 if any(c.precision == "int8" for c in cells) else 48
+    batches = parity_inputs(ckpt.mean, ckpt.std, data=data, n_data=n_data)
     refs = reference_logits(ckpt, batches)
-    rows = []
-    for name in names:
-        cls = get_runtime_class(name)
-        ok, why = cls.available()
-        if not ok:
-            rows.append(VerifyRow(name, precision, "-", "skipped", note=why))
-            continue
-        path = Path(against) if model_path.suffix.lower() not in cls.suffixes else model_path
-        rows.append(check_runtime(path, name, precision, batches, refs, tol))
-    return rows
+    return verify_cells(cells, batches, refs, rtol, atol)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -223,36 +232,122 @@ def bench(model, runtimes, batches, precision, threads, min_time, warmup, json_o
                                "rows": [r.as_dict() for r in rows]})
 
 
+# ---------------------------------------------------------------------------------------------- quantize
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--precision", type=click.Choice(["int8", "fp16"]), default="int8", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime QDQ .onnx; openvino: NNCF -> OpenVINO IR .xml/.bin.")
+@click.option("--calib", default="builtin", show_default=True,
+              help="Calibration images: a folder root/<class>/<image> (a held-out split is kept apart) or 'builtin'.")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="ONNX Runtime calibration method [default: minmax].")
+@click.option("--calib-samples", type=int, default=256, show_default=True)
+@click.option("--heldout", default=None,
+              help="Labelled images for the accuracy report: root/<class>/<image> or 'builtin' "
+                   "[default: a held-out split of --calib, or the built-in set's held-out seed].")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Refuse (exit 1, nothing written) when held-out top-1 accuracy drops more (points).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Default: MODEL's name with .int8.onnx / .fp16.onnx (.xml for openvino).")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the accuracy report as JSON.")
+def quantize(model, precision, backend, calib, calib_method, calib_samples, heldout, max_drop, output, json_out):
+    """Quantize an fp32 .onnx to int8 or fp16; an accuracy report on held-out images gates the output."""
+    from edgecnn.exporters.quantize import quantize as do_quantize
+
+    try:
+        res = do_quantize(model, output, precision=precision, backend=backend, calib=calib,
+                          calib_method=calib_method, calib_samples=calib_samples, max_drop=max_drop,
+                          heldout=heldout, log=lambda s: click.echo(s, err=True))
+    except EdgeCNNError as e:
+        rep = getattr(e, "report", None)
+        if rep is not None:
+            click.echo(rep.table())
+            if json_out:
+                _write_json(json_out, rep.as_dict())
+        raise
+    for name, detail in res.passes:
+        click.echo(f"graph pass {name}: {detail}")
+    click.echo(res.report.table())
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    if json_out:
+        _write_json(json_out, res.report.as_dict())
+    rt = "openvino" if backend == "openvino" else "ort-cpu"
+    click.echo(f"wrote {res.path}" + (f" and {Path(res.path).with_suffix('.bin').name}" if backend == "openvino" else "")
+               + f" ({precision}; run it with --runtime {rt})")
+
+
 # ---------------------------------------------------------------------------------------------- predict
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--top-k", type=int, default=1, show_default=True)
 @click.option("--runtime", default="ort-cpu", show_default=True)
-def predict(model, images, top_k, runtime):
+@click.option("--isolate", is_flag=True, help="Run in a child process (untrusted models: a crash becomes an error).")
+def predict(model, images, top_k, runtime, isolate):
     """Print the top-k labels and probabilities for each image."""
     from edgecnn.runtimes import Classifier
 
     if not images:
         raise InvalidInputError("no images given")
+    if isolate:
+        from .isolate import isolated_cli
+
+        args = ["predict", str(model), *map(str, images), "--top-k", str(top_k), "--runtime", runtime]
+        sys.exit(isolated_cli(args, f"running {model}"))
     with Classifier(model, runtime=runtime) as clf:
         for img, preds in zip(images, clf.classify(list(images), top_k=top_k)):
             click.echo(f"{img}: " + ", ".join(f"{label} {p:.4f}" for label, p in preds))
 
 
+# ---------------------------------------------------------------------------------------------- package
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None, help="The bundle folder to write.")
+@click.option("--check", "check_only", is_flag=True, help="Re-verify the sha256 of every file of the bundle PATH.")
+@click.option("--against", type=click.Path(), default=None,
+              help="Checkpoint (.pt): verify every model against it on ort-cpu and record the rows.")
+@click.option("--verify-json", type=click.Path(), default=None, help="Record this `edgecnn verify --json` output.")
+@click.option("--bench-json", type=click.Path(), default=None, help="Record this `edgecnn bench --json` summary.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+def package(paths, output, check_only, against, verify_json, bench_json, force):
+    """Write a device bundle (models, labels, manifest, requirements, predict.py), or --check one."""
+    from . import package as pkg
+
+    if check_only:
+        if len(paths) != 1 or output:
+            raise InvalidInputError("usage: edgecnn package --check BUNDLE_DIR")
+        manifest = pkg.check_bundle(paths[0])
+        click.echo(f"ok: {len(manifest['files'])} files in {paths[0]} match {pkg.MANIFEST}")
+        return
+    if not output:
+        raise InvalidInputError("give the bundle folder with -o/--output")
+    manifest = pkg.build_bundle(list(paths), output, against=against, verify_json=verify_json,
+                                bench_json=bench_json, force=force)
+    for name in sorted(manifest["files"]) + [pkg.MANIFEST]:
+        click.echo(f"  {name}")
+    if manifest["verify"]:
+        click.echo("verify: " + ", ".join(f"{r.get('model', '')} {r.get('runtime')} {r.get('status')}"
+                                          for r in manifest["verify"]))
+    click.echo(f"wrote {output}/ ({len(manifest['files']) + 1} files); on the device: "
+               f"pip install -r requirements.txt && python predict.py IMAGE...")
+
+
 # ---------------------------------------------------------------------------------------------- runtimes
 @cli.command("runtimes")
-def runtimes_cmd():
-    """List every registered runtime and whether it is usable here."""
-    from edgecnn.runtimes import get_runtime_class, runtime_names
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the report as JSON.")
+def runtimes_cmd(json_out):
+    """List every registered runtime: usable here or why not, package versions, devices seen."""
+    from .doctor import report_table, runtime_report
 
-    from .report import table
+    rows = runtime_report()
+    click.echo(report_table(rows))
+    if json_out:
+        _write_json(json_out, [r.as_dict() for r in rows])
 
-    rows = []
-    for name in runtime_names():
-        ok, why = get_runtime_class(name).available()
-        rows.append([name, "yes" if ok else "no", why])
-    click.echo(table(["runtime", "usable", "why not"], rows))
+
+cli.add_command(runtimes_cmd, "doctor")
 
 
 # ---------------------------------------------------------------------------------------------- demo
