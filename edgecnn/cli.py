@@ -84,9 +84,28 @@ def cli():
 @click.option("--threads", type=int, default=None, help="torch intra-op threads.")
 @click.option("-o", "--output", type=click.Path(), default="model.pt", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress):
+@click.option("--nproc", type=int, default=None,
+              help="Train with N processes (DistributedDataParallel via torchrun; gloo on CPU, nccl on GPU).")
+def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress, nproc):
     """Train the seed Net and write a checkpoint with its metadata."""
+    if nproc is not None and not os.environ.get("RANK"):
+        from .distributed import launch
+
+        if Path(output).suffix.lower() not in (".pt", ".pth"):
+            raise InvalidInputError(f"{output}: the checkpoint file must end in .pt")
+        if data is not None and not Path(data).is_dir():
+            raise InvalidInputError(f"{data}: data folder does not exist")
+        args = ["--epochs", epochs, "--batch-size", batch_size, "--lr", lr, "--seed", seed, "--per-class", per_class,
+                "--val-fraction", val_fraction, "-o", output, "--progress" if progress else "--no-progress"]
+        args += (["--data", data] if data else []) + (["--threads", threads] if threads else [])
+        rc = launch(nproc, [str(a) for a in args])
+        if rc != 0:
+            click.echo(f"edgecnn: error: distributed training failed (torchrun exit code {rc})", err=True)
+            sys.exit(1)
+        return
     res = _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress)
+    if os.environ.get("RANK", "0") != "0":
+        return
     click.echo(f"validation accuracy {res.val_accuracy * 100:.2f}% after {len(res.history)} epochs "
                f"({res.seconds:.0f} s); wrote {output}")
 
@@ -99,9 +118,14 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
     if out.suffix.lower() not in (".pt", ".pth"):
         raise InvalidInputError(f"{out}: the checkpoint file must end in .pt")
     ds = load_dataset(data, per_class=per_class, seed=seed)
-    click.echo(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})", err=True)
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})", err=True)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
                       threads=threads, progress=progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one rank of a DDP job
+        from .distributed import train_ddp
+
+        return train_ddp(ds, cfg, out, log=lambda s: click.echo(s, err=True))
     return train_to_file(ds, cfg, out, log=lambda s: click.echo(s, err=True))
 
 

@@ -30,6 +30,12 @@ class ParityError(EdgeCNNError):
     exit_code = EXIT_CHECK_FAILED
 
 
+class IntegrityError(EdgeCNNError):
+    """A file does not match the sha256 its manifest records (altered, missing or unexpected)."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
 class RuntimeUnavailableError(EdgeCNNError):
     """A runtime (or the device it was asked for) cannot be used here."""
 

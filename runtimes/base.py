@@ -73,6 +73,10 @@ class Runtime(ABC):
             raise InvalidModelError(
                 f"{path}: runtime {self.name} reads {'/'.join(self.suffixes)} files, not {path.suffix or 'this file'}"
             )
+        if path.suffix.lower() == ".onnx":
+            from .onnx_guard import check_external_data
+
+            check_external_data(path)  # before any runtime opens the file
         if precision not in self.precisions:
             raise InvalidInputError(
                 f"runtime {self.name} supports precision {', '.join(self.precisions)}, not {precision!r}"
@@ -85,6 +89,9 @@ class Runtime(ABC):
         self.options = options
         # Filled by _load: (batch or None, C, H, W), the model's metadata, its output width.
         self.input_shape: tuple[int | None, int, int, int] = (None, 3, 64, 64)
+        # "NCHW": float32, normalized; "NHWC-uint8": raw RGB pixels, preprocessing inside the graph.
+        # input_shape stays (N, C, H, W) either way; a backend calls _set_input_spec to fill both.
+        self.input_layout: str = "NCHW"
         self._metadata: dict[str, str] = {}
         self._load()
 
@@ -118,8 +125,31 @@ class Runtime(ABC):
         """The model's metadata (class names, mean/std, ...), as read by the runtime."""
         return dict(self._metadata)
 
+    def _set_input_spec(self, shape: tuple, dtype: str) -> None:
+        """From the model's input (shape with None for symbolic axes, "float32"/"uint8"): layout and input_shape."""
+        shape = tuple(shape)
+        if dtype == "uint8" and len(shape) == 4 and None not in shape[1:] and shape[3] == 3:
+            self.input_layout = "NHWC-uint8"
+            self.input_shape = (shape[0], shape[3], shape[1], shape[2])
+        elif dtype == "float32" and len(shape) == 4 and None not in shape[1:]:
+            self.input_layout = "NCHW"
+            self.input_shape = (shape[0], shape[1], shape[2], shape[3])
+        else:
+            dims = ",".join("?" if d is None else str(d) for d in shape)
+            raise InvalidModelError(
+                f"{self.model_path}: expected a float32 input (N,3,H,W) or a uint8 image input (N,H,W,3), "
+                f"got {dtype} [{dims}]"
+            )
+
+    def dummy_input(self, n: int = 1) -> np.ndarray:
+        """An all-zero input batch of n that this model accepts (its dtype and layout)."""
+        _, c, h, w = self.input_shape
+        if self.input_layout == "NHWC-uint8":
+            return np.zeros((n, h, w, c), np.uint8)
+        return np.zeros((n, c, h, w), np.float32)
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W), normalized -> logits (N, C)."""
+        """float32 (N, 3, H, W), normalized -> logits (N, C); uint8 (N, H, W, 3) for NHWC-uint8 models."""
         x = self._validate(x)
         fixed = self.input_shape[0]
         if fixed is None or fixed == x.shape[0]:
@@ -131,6 +161,8 @@ class Runtime(ABC):
     def _validate(self, x) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise InvalidInputError(f"input must be a numpy array, got {type(x).__name__}")
+        if self.input_layout == "NHWC-uint8":
+            return self._validate_uint8(x)
         if not np.issubdtype(x.dtype, np.floating):
             raise InvalidInputError(
                 f"input must be float32 (normalized), got {x.dtype}; use Classifier.classify for raw images"
@@ -143,6 +175,19 @@ class Runtime(ABC):
         if not np.isfinite(x).all():
             raise InvalidInputError("input contains NaN or Inf")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _validate_uint8(self, x: np.ndarray) -> np.ndarray:
+        _, c, h, w = self.input_shape
+        if x.dtype != np.uint8:
+            raise InvalidInputError(
+                f"this model takes raw uint8 RGB pixels (N, {h}, {w}, {c}), got {x.dtype}; "
+                "its preprocessing is inside the graph"
+            )
+        if x.ndim != 4 or x.shape[1:] != (h, w, c):
+            raise InvalidInputError(f"input must have shape (N, {h}, {w}, {c}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise InvalidInputError("empty batch (N = 0)")
+        return np.ascontiguousarray(x)
 
     def __enter__(self):
         return self

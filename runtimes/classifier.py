@@ -12,7 +12,7 @@ import numpy as np
 from edgecnn.errors import InvalidInputError, InvalidModelError
 
 from .base import Runtime, load_runtime
-from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, preprocess, softmax
+from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, preprocess, softmax, to_batch_uint8
 
 
 @dataclass(frozen=True)
@@ -50,27 +50,43 @@ class Classifier:
     >>> clf.classify(["cat.png"], top_k=3)   # [[("circle", 0.98), ...]]
     """
 
-    def __init__(self, model_path: str | os.PathLike, runtime: str = "ort-cpu", **options):
-        self.runtime: Runtime = load_runtime(runtime, model_path, **options)
+    def __init__(self, model_path: str | os.PathLike, runtime: str | None = None, **options):
+        """``model_path``: a model file, or a deploy.json from `edgecnn tune` (its runtime and settings
+        apply unless given here). ``runtime`` defaults to ort-cpu."""
+        if str(model_path).lower().endswith(".json"):
+            from .deploy import load_config
+
+            model_path, cfg_runtime, cfg_options = load_config(model_path)
+            runtime = runtime or cfg_runtime
+            options = {**cfg_options, **options}
+        self.runtime: Runtime = load_runtime(runtime or "ort-cpu", model_path, **options)
         _, _, h, w = self.runtime.input_shape
         if h != w:
             raise InvalidModelError(f"{model_path}: expected a square input, got {h}x{w}")
-        num_classes = self.runtime.run(np.zeros((1, 3, h, w), np.float32)).shape[-1]
-        self.info = ModelInfo.from_metadata(self.runtime.metadata(), num_classes, h)
+        num_classes = self.runtime.run(self.runtime.dummy_input()).shape[-1]
+        meta = self.runtime.metadata()
+        self.info = ModelInfo.from_metadata(meta, num_classes, h)
+        # Models exported with --embed-preprocessing take uint8 RGB pixels (N, H, W, 3) and may end in Softmax.
+        self.embedded_preprocessing = self.runtime.input_layout == "NHWC-uint8"
+        self.embedded_softmax = meta.get("embedded_softmax") == "1"
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.info.class_names
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Images -> the model's input: float32 (N, 3, H, W) normalized, or uint8 (N, H, W, 3) when embedded."""
+        if self.embedded_preprocessing:
+            return to_batch_uint8(images, self.info.input_size)
         return preprocess(images, self.info.mean, self.info.std, self.info.input_size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, H, W), already normalized -> logits (N, C)."""
+        """float32 (N, 3, H, W), already normalized -> logits (N, C) (uint8 (N, H, W, 3) if embedded)."""
         return self.runtime.run(batch)
 
     def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
-        return softmax(self.run(self.preprocess(self._as_list(images))))
+        out = self.run(self.preprocess(self._as_list(images)))
+        return out if self.embedded_softmax else softmax(out)
 
     def classify(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 1) -> list[list[tuple[str, float]]]:
         """Images (paths, PIL images, uint8 HWC arrays) -> per image, the top_k (label, probability)."""

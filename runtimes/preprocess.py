@@ -91,9 +91,14 @@ def preprocess(
     size: int = INPUT_SIZE,
 ) -> np.ndarray:
     """A list of images -> float32 batch (N, 3, size, size) ready for a runtime."""
+    return normalize(to_batch_uint8(images, size), mean, std)
+
+
+def to_batch_uint8(images: Sequence[ImageLike], size: int = INPUT_SIZE) -> np.ndarray:
+    """A list of images -> uint8 batch (N, size, size, 3), RGB: the input of a model with embedded preprocessing."""
     if len(images) == 0:
         raise InvalidInputError("no images given")
-    return normalize(np.stack([to_rgb_uint8(im, size) for im in images]), mean, std)
+    return np.stack([to_rgb_uint8(im, size) for im in images])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
