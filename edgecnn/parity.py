@@ -210,6 +210,8 @@ def verify_cells(cells: list[Cell], batches: dict[str, np.ndarray], refs: dict[s
     from edgecnn.runtimes import get_runtime_class
 
     rows, why_not = [], {}
+    bad: dict[str, Exception] = {}  # model file -> the first load error
+    loaded: set[str] = set()  # model files some runtime opened
     for c in cells:
         if c.runtime not in why_not:
             why_not[c.runtime] = get_runtime_class(c.runtime).available()[1] or None
@@ -222,6 +224,14 @@ def verify_cells(cells: list[Cell], batches: dict[str, np.ndarray], refs: dict[s
                                       **dict(c.options)))
         except RuntimeUnavailableError as e:
             rows.append(VerifyRow(c.runtime, c.precision, "-", "skipped", note=str(e)))
+            continue
         except InvalidModelError as e:
             rows.append(VerifyRow(c.runtime, c.precision, "-", "FAIL", note=f"cannot load: {e}"))
+            bad.setdefault(c.model_path, e)
+            continue
+        loaded.add(c.model_path)
+    # A file no runtime could open is bad input (exit 2), not a parity failure of one runtime.
+    for path, err in bad.items():
+        if path not in loaded:
+            raise err
     return rows

@@ -1,0 +1,64 @@
+"""`edgecnn verify --runtime all`: every runtime x precision, skipped rows never pass, FAIL exits 1."""
+
+from __future__ import annotations
+
+import json
+
+from edgecnn.runtimes import get_runtime_class, runtime_names
+
+from edgecnn.parity import matrix_cells
+
+
+def test_all_runs_every_runtime_and_precision(trained, run_cli, tmp_path):
+    out = tmp_path / "matrix.json"
+    r = run_cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "all", "--json", out)
+    rows = json.loads(out.read_text())
+    assert r.exit_code == (1 if any(x["status"] == "FAIL" for x in rows) else 0), r.output
+    want = {(n, p) for n in runtime_names() for p in get_runtime_class(n).precisions}
+    asked = {(x["runtime"], x["precision"]) for x in rows}
+    assert {n for n, _ in want} == {n for n, _ in asked}
+    assert len(rows) == len(want)
+    for x in rows:
+        usable, why = get_runtime_class(x["runtime"]).available()
+        if not usable:
+            assert x["status"] == "skipped" and x["note"] == why
+        if x["status"] == "skipped":
+            assert x["note"] and "max_abs" not in x
+        else:
+            assert x["status"] in ("pass", "FAIL") and x["n"] > 0
+    by = {(x["runtime"], x["precision"]): x for x in rows}
+    assert by[("ort-cpu", "fp32")]["status"] == "pass" and by[("ort-cpu", "fp32")]["max_abs"] < 1e-4
+    assert by[("torch", "fp32")]["max_abs"] == 0.0
+    if get_runtime_class("openvino").available()[0]:
+        assert by[("openvino", "fp32")]["status"] == "pass"
+        assert by[("openvino", "fp32")]["max_abs"] < 1e-4
+    # The printed matrix has the same rows.
+    body = r.stdout.splitlines()[2:]
+    assert len(body) == len(rows)
+
+
+def test_precision_narrows_the_matrix(trained, run_cli):
+    r = run_cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "all", "--precision", "fp32")
+    body = [ln.split() for ln in r.stdout.splitlines()[2:]]
+    assert {b[1] for b in body} == {"fp32"} and len(body) == len(runtime_names())
+
+
+def test_a_real_failure_exits_1(trained, run_cli):
+    # A tolerance tighter than the measured fp32 difference makes a real FAIL.
+    r = run_cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "ort-cpu", "--rtol", "0", "--atol", "0")
+    assert r.exit_code == 1
+    assert "FAIL" in r.stdout
+
+
+def test_cells_pair_each_runtime_with_its_file(trained):
+    cells = matrix_cells(trained.onnx, trained.pt, ["ort-cpu", "torch"])
+    assert [(c.runtime, c.precision) for c in cells] == [("ort-cpu", "fp32"), ("torch", "fp32")]
+    assert cells[0].model_path == str(trained.onnx) and cells[1].model_path == str(trained.pt)
+
+
+def test_a_file_no_runtime_can_open_is_bad_input(trained, run_cli, tmp_path):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(trained.onnx.read_bytes()[:300])
+    r = run_cli("verify", bad, "--against", trained.pt, "--runtime", "all")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("edgecnn: error:") and r.stderr.strip().count("\n") == 0
