@@ -122,3 +122,22 @@ def test_gpu_io_binding_and_cuda_graphs_match_the_plain_session(trained):
         want = plain.run(x)
         np.testing.assert_allclose(bound.run(x), want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(graph.run(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_fp16_conversion_keeps_io_and_metadata(trained):
+    # ort-cuda fp16 converts the fp32 file on load; the conversion itself runs anywhere (CPU EP here).
+    import onnx
+    import onnxruntime as ort
+    from edgecnn.runtimes.ort import OrtCuda
+
+    rt = OrtCuda.__new__(OrtCuda)  # no GPU needed to build the converted model
+    rt.precision, rt.model_path = "fp16", trained.onnx_dynamic
+    data = rt._model_source()
+    model = onnx.load_from_string(data)
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(float)"
+    assert "class_names" in sess.get_modelmeta().custom_metadata_map
+    x, logits = _ref(trained)
+    res = compare(logits, sess.run(None, {sess.get_inputs()[0].name: x})[0], TOLERANCES["fp16"])
+    assert res.passed, res.reason

@@ -62,3 +62,18 @@ def test_a_file_no_runtime_can_open_is_bad_input(trained, run_cli, tmp_path):
     r = run_cli("verify", bad, "--against", trained.pt, "--runtime", "all")
     assert r.exit_code == 2
     assert r.stderr.startswith("edgecnn: error:") and r.stderr.strip().count("\n") == 0
+
+
+def test_runtimes_and_doctor_report_every_runtime(run_cli, tmp_path):
+    out = tmp_path / "doctor.json"
+    r = run_cli("runtimes", "--json", out)
+    assert r.exit_code == 0
+    rows = json.loads(out.read_text())
+    assert [x["runtime"] for x in rows] == runtime_names()
+    for x in rows:
+        usable, why = get_runtime_class(x["runtime"]).available()
+        assert x["usable"] == usable and x["why_not"] == why
+        assert x["packages"]  # the versions it was built from
+    ort_cpu = next(x for x in rows if x["runtime"] == "ort-cpu")
+    assert "CPU" in ort_cpu["devices"]
+    assert run_cli("doctor").stdout == r.stdout
