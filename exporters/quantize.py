@@ -289,7 +289,7 @@ def _openvino_int8(src: Path, dst: Path, calib: np.ndarray, method, meta: dict[s
     try:
         import nncf
     except ImportError:
-        raise MissingDependencyError("nncf", "openvino", "--backend openvino int8") from None
+        raise MissingDependencyError("nncf", "quantize", "--backend openvino int8") from None
     model = _ov_model(src)
     ds = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
     with _quiet():
