@@ -258,10 +258,14 @@ class _OrtGpu(_OrtRuntime):
             with self._lock:  # one set of device buffers: replays are serialized
                 self._in_val.update_inplace(x)
                 self.session.run_with_iobinding(self._graph_binding)
-                return self._out_val.numpy().copy()
+                return self._graph_binding.copy_outputs_to_cpu()[0]
         if self.io_binding:
             ort = _import_ort()
-            return self.run_device(ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id)).numpy()
+            b = self.session.io_binding()
+            b.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
+            b.bind_output(self.output_name, "cuda", self.device_id)
+            self.session.run_with_iobinding(b)
+            return b.copy_outputs_to_cpu()[0]
         return super()._run(x)
 
 
