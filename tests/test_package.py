@@ -20,19 +20,21 @@ from edgecnn.errors import IntegrityError, InvalidInputError
 from edgecnn.package import MANIFEST, PREPROCESS_FILE, build_bundle, check_bundle, preprocess_source
 
 RTOL, ATOL = 1e-3, 1e-5  # fp32 tolerance
-FILES = {"model.onnx", "model_dynamic.onnx", "emb.onnx", "labels.txt", "requirements.txt", "predict.py",
+FILES = {"model.onnx", "model_dynamic.onnx", "emb.onnx", "model.int8.onnx", "labels.txt", "requirements.txt", "predict.py",
          PREPROCESS_FILE, MANIFEST}
 
 
 @pytest.fixture(scope="module")
 def bundle(trained, tmp_path_factory) -> Path:
     from edgecnn.exporters.onnx import export
+    from edgecnn.exporters.quantize import quantize
 
     folder = tmp_path_factory.mktemp("bundle")
     emb = export(trained.pt, folder / "emb.onnx", embed_preprocessing=True, embed_softmax=True).path
+    int8 = quantize(trained.onnx, folder / "model.int8.onnx", precision="int8", calib_samples=128).path
     out = folder / "out" / "bundle"
     out.parent.mkdir()
-    build_bundle([trained.onnx, trained.onnx_dynamic, emb], out, against=trained.pt)
+    build_bundle([trained.onnx, trained.onnx_dynamic, emb, int8], out, against=trained.pt)
     return out
 
 
@@ -78,9 +80,11 @@ def test_bundle_contents_and_manifest(bundle, trained):
     assert by["model_dynamic.onnx"]["input"]["shape"][0] == "batch"
     assert by["emb.onnx"]["input"]["dtype"] == "uint8" and by["emb.onnx"]["input"]["layout"] == "NHWC-uint8"
     assert by["emb.onnx"]["embedded_softmax"] is True
-    assert all(e["opset"] == 17 and e["precision"] == "fp32" for e in m["models"])
-    assert [r["model"] for r in m["verify"]] == ["model.onnx", "model_dynamic.onnx", "emb.onnx"]
-    assert all(r["status"] == "pass" and r["max_abs"] < 1e-3 for r in m["verify"])
+    assert [e["precision"] for e in m["models"]] == ["fp32", "fp32", "fp32", "int8"]
+    assert all(e["opset"] >= 13 for e in m["models"])
+    assert [r["model"] for r in m["verify"]] == ["model.onnx", "model_dynamic.onnx", "emb.onnx", "model.int8.onnx"]
+    assert all(r["status"] == "pass" for r in m["verify"])
+    assert all(r["max_abs"] < 1e-3 for r in m["verify"] if r["model"] != "model.int8.onnx")
     labels = (bundle / "labels.txt").read_text().splitlines()
     assert labels == m["class_names"] == list(Classifier(trained.onnx).class_names)
     assert check_bundle(bundle)["files"] == m["files"]
@@ -103,7 +107,7 @@ def test_one_preprocessing_definition(bundle, images):
         copy.preprocess([bundle / "missing.png"])
 
 
-@pytest.mark.parametrize("model", ["model.onnx", "model_dynamic.onnx", "emb.onnx"])
+@pytest.mark.parametrize("model", ["model.onnx", "model_dynamic.onnx", "emb.onnx", "model.int8.onnx"])
 def test_bundle_model_matches_classifier(bundle, images, model):
     pred = _load_module(bundle / "predict.py", "bundle_predict_copy")
     got = pred.BundleModel(bundle, model).probabilities(images)
@@ -142,7 +146,7 @@ def _parse(stdout: str) -> dict[str, list]:
     return out
 
 
-@pytest.mark.parametrize("model", [None, "emb.onnx"])
+@pytest.mark.parametrize("model", [None, "emb.onnx", "model.int8.onnx"])
 def test_predict_py_in_fresh_venv_matches_classifier(bundle, images, device_python, model):
     for mod in ("torch", "onnx", "edgecnn"):  # the device has the runtime packages and nothing else
         r = subprocess.run([str(device_python), "-c", f"import {mod}"], cwd=bundle, capture_output=True,
