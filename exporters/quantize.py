@@ -71,6 +71,9 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
     except Exception as e:  # noqa: BLE001 - protobuf decode errors are untyped
         raise InvalidModelError(f"{model}: not a readable ONNX file: {str(e).splitlines()[0][:200]}") from None
     meta = {p.key: p.value for p in proto.metadata_props}
+    if len(proto.graph.input) != 1 or proto.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise InvalidInputError(f"{model}: quantize takes a model with one float32 input "
+                                "(export it without --embed-preprocessing)")
     if meta.get("precision", "fp32") != "fp32":
         raise InvalidInputError(f"{model}: already {meta['precision']}; quantize the fp32 model")
     out = Path(out) if out is not None else default_output(model, precision, backend)
