@@ -33,14 +33,14 @@ class BenchRow:
 
 
 def make_inputs(batch: int, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), buffers: int = 4,
-                seed: int = 0) -> list[np.ndarray]:
-    """``buffers`` distinct batches of built-in data-set images (not zeros), normalized."""
+                seed: int = 0, raw: bool = False) -> list[np.ndarray]:
+    """``buffers`` distinct batches of built-in data-set images (not zeros), normalized (raw: uint8 NHWC)."""
     from .data import synthetic_dataset
 
     n = batch * buffers
     ds = synthetic_dataset(per_class=min(-(-n // 6), 64), seed=seed)
     idx = np.random.default_rng(seed).integers(0, len(ds), size=n)
-    x = ds.subset(idx).tensors(mean, std)
+    x = ds.images[idx] if raw else ds.subset(idx).tensors(mean, std)
     return [np.ascontiguousarray(x[i * batch : (i + 1) * batch]) for i in range(buffers)]
 
 
@@ -48,7 +48,7 @@ def time_runtime(rt, batch: int, *, warmup: int = 5, min_time: float = 1.0, min_
                  max_iters: int = 10_000, load_s: float = 0.0) -> BenchRow:
     meta = rt.metadata()
     mean, std = _json_or(meta, "mean", (0.5, 0.5, 0.5)), _json_or(meta, "std", (0.25, 0.25, 0.25))
-    inputs = make_inputs(batch, mean, std)
+    inputs = make_inputs(batch, mean, std, raw=getattr(rt, "input_layout", "NCHW") == "NHWC-uint8")
     for i in range(warmup):
         rt.run(inputs[i % len(inputs)])
     times = []
@@ -175,3 +175,49 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
                 if relaxed is not None:
                     relaxed.close()
     return rows
+
+
+def _worker(job: dict) -> list[dict]:
+    """One configuration in this (fresh) process: every batch size, plus peak RSS and file size."""
+    from .quant_report import file_size
+
+    model = Path(job["model"])
+    label = job["precision"]
+    run_precision = "fp32" if label == "int8" else label  # an int8 file runs with the runtime's fp32 setting
+    rows = bench(model, [job["runtime"]], job["batches"], precision=run_precision, threads=job["threads"],
+                 min_time=job["min_time"], warmup=job["warmup"])
+    peak_mb = _peak_rss_mb()
+    out = []
+    for r in rows:
+        d = r.as_dict()
+        d.update(peak_rss_mb=peak_mb, file_bytes=file_size(model), model=str(model))
+        out.append(d)
+    return out
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: ru_maxrss survives exec and would
+    report the parent's size that the child was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":  # python -m edgecnn.bench '<job json>' (used by edgecnn.sweep)
+    import json
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        print(json.dumps(_worker(json.loads(sys.argv[1]))))
+    except Exception as e:  # noqa: BLE001 - reported by the parent as one line
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EdgeCNNError, InvalidInputError
+from .errors import EXIT_INTERNAL, EdgeCNNError, InvalidInputError, RuntimeUnavailableError
 
 
 class _Group(click.Group):
@@ -227,6 +227,11 @@ def _verify(model, against, runtimes, precision, rtol, atol, data):
     cells = matrix_cells(model_path, Path(against), names, precision)
     # int8's verdict is task-level (top-1 agreement >= 97%): judge it on 300 data-set images, not 48.
     n_data = 300 if any(c.precision == "int8" for c in cells) else 48
+    from edgecnn.exporters.embed import embedded_flags, verify_cells_embedded
+
+    flags = embedded_flags(model_path)  # --embed-preprocessing: the model takes raw uint8 pixels
+    if flags:
+        return verify_cells_embedded(cells, ckpt, flags[1], data=data, n_data=n_data, rtol=rtol, atol=atol)
     batches = parity_inputs(ckpt.mean, ckpt.std, data=data, n_data=n_data)
     refs = reference_logits(ckpt, batches)
     return verify_cells(cells, batches, refs, rtol, atol)
@@ -235,25 +240,79 @@ def _verify(model, against, runtimes, precision, rtol, atol, data):
 # ---------------------------------------------------------------------------------------------- bench
 @cli.command()
 @click.argument("model", type=click.Path(), required=False)
-@click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv)
+@click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv,
+              help="Comma-separated runtimes (ort-cpu, openvino, torch, ort-cuda, ...).")
+@click.option("--precision", "precisions", default="fp32", show_default=True, callback=_csv,
+              help="Comma-separated: fp32, bf16, fp16, int8 (int8 uses MODEL's .int8 sibling or quantizes it).")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_csv_ints)
-@click.option("--precision", default="fp32", show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", default=None, callback=_csv_ints, help="Comma-separated thread counts (default: the runtime's).")
 @click.option("--min-time", type=float, default=1.0, show_default=True, help="Seconds of timed runs per cell.")
 @click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--json", "json_out", type=click.Path(), default=None)
-def bench(model, runtimes, batches, precision, threads, min_time, warmup, json_out):
-    """Latency percentiles and throughput per batch size (without MODEL: a freshly exported default Net)."""
-    from . import bench as b
-    from .report import bench_table
+@click.option("--roofline/--no-roofline", default=True, show_default=True, help="Measure the fp32 peak for the roofline line.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write every number as JSON.")
+@click.option("--csv", "csv_out", type=click.Path(), default=None, help="Write the rows as CSV.")
+@click.option("--plot", "plot_out", type=click.Path(), default=None, help="Draw throughput and latency (PNG).")
+def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofline, json_out, csv_out, plot_out):
+    """Latency percentiles and throughput, swept over runtime x precision x threads x batch.
 
-    rows = b.bench(model, runtimes, batches, precision=precision, threads=threads, min_time=min_time,
-                   warmup=warmup, progress=lambda r: click.echo(
-                       f"  {r.runtime} batch {r.batch}: p50 {r.p50_ms:.3f} ms, {r.throughput:,.0f} img/s", err=True))
-    click.echo(bench_table(rows))
+    MODEL: an .onnx (or a deploy.json from `edgecnn tune`); without it, a freshly exported default Net.
+    Each configuration runs in its own process: cold start and peak memory are its own.
+    """
+    from . import sweep as sw
+    from ._io import write_text_atomic
+
+    threads = threads or [None]
+    if plot_out:
+        from edgecnn.runtimes._deps import has_module
+
+        if not has_module("matplotlib"):
+            from .errors import MissingDependencyError
+
+            raise MissingDependencyError("matplotlib", "plot", "--plot")
+    if model is not None and str(model).lower().endswith(".json"):
+        from edgecnn.runtimes.deploy import load_config
+
+        path, rt, opts = load_config(model)
+        if opts.get("options") or set(opts) - {"precision", "threads"}:
+            click.echo("note: the deploy config's backend options are applied by Classifier; bench uses "
+                       "runtime, precision and threads", err=True)
+        model, runtimes, threads = path, [rt], [opts.get("threads")]
+        from edgecnn.exporters.quantize import model_precision
+
+        precisions = [model_precision(path) if model_precision(path) != "fp32" else opts.get("precision", "fp32")]
+    cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
+    bar = _bar(cells)
+    res = sw.sweep(model, runtimes, precisions, batches, threads, min_time=min_time, warmup=warmup,
+                   roofline=roofline, log=lambda s: click.echo(s, err=True), progress=lambda r: bar.update(1))
+    bar.close()
+    click.echo(sw.table(res))
     if json_out:
-        _write_json(json_out, {"model": str(model) if model else "default Net (random weights)",
-                               "rows": [r.as_dict() for r in rows]})
+        _write_json(json_out, {"model": str(model) if model else "default Net (random weights)", **res.as_dict()})
+    if csv_out:
+        write_text_atomic(csv_out, sw.to_csv(res))
+        click.echo(f"wrote {csv_out}", err=True)
+    if plot_out:
+        sw.plot(res, plot_out)
+        click.echo(f"wrote {plot_out}", err=True)
+    if not res.rows:
+        raise RuntimeUnavailableError("no configuration could run here: " +
+                                      "; ".join(f"{s['runtime']} {s['precision']}: {s['reason']}" for s in res.skipped))
+
+
+def _bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="bench", unit="cell", file=sys.stderr, leave=False)
+    except ImportError:
+        class _No:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _No()
 
 
 # ---------------------------------------------------------------------------------------------- quantize

@@ -102,3 +102,42 @@ def parity_check(onnx_path, ckpt, softmax: bool, runtime: str = "ort-cpu", data=
     if softmax:
         refs = {k: np_softmax(v) for k, v in refs.items()}
     return check_runtime(onnx_path, runtime, "fp32", batches, refs, tolerance_for("fp32", rtol, atol))
+
+
+def embedded_flags(path) -> tuple[bool, bool] | None:
+    """(True, softmax?) for an .onnx file exported with --embed-preprocessing, else None. Never raises."""
+    from pathlib import Path
+
+    if Path(path).suffix.lower() != ".onnx":
+        return None
+    try:
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the runtime that opens it
+        return None
+    if meta.get("embedded_preprocessing") != "1":
+        return None
+    return True, meta.get("embedded_softmax") == "1"
+
+
+def verify_cells_embedded(cells: list, ckpt, softmax: bool, data=None, n_data: int = 48,
+                          rtol: float | None = None, atol: float | None = None) -> list:
+    """`edgecnn verify` for an embedded model: its cells get raw uint8 images, the torch cells (the
+    checkpoint) the same images through the Python preprocessing; one set of reference logits."""
+    from edgecnn.runtimes.preprocess import normalize
+    from edgecnn.runtimes.preprocess import softmax as np_softmax
+
+    from edgecnn.parity import reference_logits, verify_cells
+
+    raw = parity_images(n_data=n_data, data=data)
+    floats = {k: normalize(v, ckpt.mean, ckpt.std) for k, v in raw.items()}
+    refs = reference_logits(ckpt, floats)
+    graph_refs = {k: np_softmax(v) for k, v in refs.items()} if softmax else refs
+    rows = []
+    for c in cells:  # keep the matrix order
+        if c.runtime == "torch":
+            rows += verify_cells([c], floats, refs, rtol, atol)
+        else:
+            rows += verify_cells([c], raw, graph_refs, rtol, atol)
+    return rows

@@ -126,3 +126,12 @@ def test_cli_export_embed(trained, run_cli, tmp_path):
     r = run_cli("export", trained.pt, "-o", tmp_path / "f.onnx", "--embed-softmax")
     assert r.exit_code == 2 and "--embed-preprocessing" in r.output
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_verify_and_bench_feed_raw_pixels(trained, embedded, run_cli):
+    r = run_cli("verify", embedded[1], "--against", trained.pt, "--runtime", "ort-cpu,torch")
+    assert r.exit_code == 0, r.output
+    rows = [ln.split() for ln in r.output.splitlines() if ln.startswith(("ort-cpu", "torch"))]
+    assert [(row[0], row[7]) for row in rows] == [("ort-cpu", "pass"), ("torch", "pass")]
+    r = run_cli("bench", embedded[0], "--batch", "1,2", "--min-time", "0.05", "--warmup", "1")
+    assert r.exit_code == 0, r.output
