@@ -361,6 +361,40 @@ def quantize(model, precision, backend, calib, calib_method, calib_samples, held
                + f" ({precision}; run it with --runtime {rt})")
 
 
+# ---------------------------------------------------------------------------------------------- tune
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None, help="Folder for the variants and deploy.json "
+              "(default: MODEL's name + .tuned/).")
+@click.option("--max-drop", type=float, default=1.0, show_default=True, help="Accuracy gate, in top-1 points.")
+@click.option("--calib", default="builtin", show_default=True, help="Calibration/held-out data: builtin or DIR/<class>/<image>.")
+@click.option("--runtime", "runtimes", default="ort-cpu,openvino", show_default=True, callback=_csv)
+@click.option("--threads", default=None, callback=_csv_ints, help="Thread counts to try (default: 1 and all cores).")
+@click.option("--batch", type=int, default=64, show_default=True, help="Batch the throughput objective is timed at.")
+@click.option("--objective", type=click.Choice(["throughput", "latency"]), default="throughput", show_default=True)
+@click.option("--int8/--no-int8", default=True, show_default=True, help="Try int8 variants (quantized here).")
+@click.option("--min-time", type=float, default=1.0, show_default=True)
+def tune(model, output, max_drop, calib, runtimes, threads, batch, objective, int8, min_time):
+    """Try runtimes x precisions x threads x options; keep those passing the accuracy gate; write the fastest
+    as deploy.json (load it with Classifier("deploy.json") or `edgecnn bench deploy.json`)."""
+    from .report import table
+    from .tune import tune as do_tune
+
+    cfg, cands = do_tune(model, output, max_drop=max_drop, calib=calib, threads=threads, batch=batch,
+                         objective=objective, min_time=min_time, runtimes=runtimes, int8=int8,
+                         log=lambda s: click.echo(s, err=True))
+    rows = [[c.runtime, c.precision, c.threads or "auto", ",".join(f"{k}={v}" for k, v in c.options.items()),
+             "pass" if c.gate == "pass" else c.gate[:50],
+             f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-",
+             f"{c.throughput:,.0f}" if c.throughput else "-", f"{c.p50_ms:.3f}" if c.p50_ms else "-"]
+            for c in sorted(cands, key=lambda c: -(c.throughput or 0))]
+    click.echo(table(["runtime", "precision", "threads", "options", "gate", "accuracy", f"img/s b{batch}",
+                      "p50 ms b1"], rows))
+    where = Path(output) if output else Path(model).with_name(Path(model).stem + ".tuned")
+    click.echo(f"fastest passing ({objective}): {cfg['runtime']} {cfg['label_precision']} threads="
+               f"{cfg['threads'] or 'auto'} {cfg['options'] or ''} -> {where / 'deploy.json'}")
+
+
 # ---------------------------------------------------------------------------------------------- predict
 @cli.command()
 @click.argument("model", type=click.Path())

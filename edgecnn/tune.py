@@ -54,13 +54,14 @@ def _gate(cand: Candidate, ref: np.ndarray, out: np.ndarray, labels: np.ndarray,
     cand.gate = "pass" if not reasons else "; ".join(reasons)
 
 
-def candidates(fp32: Path, int8: dict[str, Path], threads: list[int]) -> list[Candidate]:
+def candidates(fp32: Path, int8: dict[str, Path], threads: list[int],
+               runtimes: list[str] | None = None) -> list[Candidate]:
     from edgecnn.runtimes import get_runtime_class
 
     from .machine import cpu_info
 
     out: list[Candidate] = []
-    have = {n for n in ("ort-cpu", "openvino") if get_runtime_class(n).available()[0]}
+    have = {n for n in (runtimes or ("ort-cpu", "openvino")) if get_runtime_class(n).available()[0]}
     bf16 = "avx512_bf16" in cpu_info()["isa"] or "amx_bf16" in cpu_info()["isa"]
     for t in threads:
         if "ort-cpu" in have:
@@ -79,7 +80,8 @@ def candidates(fp32: Path, int8: dict[str, Path], threads: list[int]) -> list[Ca
 
 def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, max_drop: float = 1.0,
          calib: str = "builtin", threads: list[int] | None = None, batch: int = 64,
-         objective: str = "throughput", min_time: float = 1.0, log=print) -> tuple[dict, list[Candidate]]:
+         objective: str = "throughput", min_time: float = 1.0, runtimes: list[str] | None = None,
+         int8: bool = True, log=print) -> tuple[dict, list[Candidate]]:
     """Tune ``model`` (fp32 .onnx exported by edgecnn); write ``out_dir``/deploy.json and return it."""
     from edgecnn.exporters.quantize import quantize
 
@@ -104,22 +106,26 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
     # Every variant accepts any batch: the fp32 file gets a symbolic batch axis if it has none.
     fp32 = out_dir / "model.fp32.onnx"
     relax_batch(model, fp32)
-    int8: dict[str, Path] = {}
-    for backend, runtime, suffix in (("ort", "ort-cpu", ".onnx"), ("openvino", "openvino", ".xml")):
-        from edgecnn.runtimes import get_runtime_class
+    from edgecnn.runtimes import get_runtime_class
 
-        if not get_runtime_class(runtime).available()[0]:
+    runtimes = runtimes or ["ort-cpu", "openvino"]
+    for r in runtimes:
+        if r not in ("ort-cpu", "openvino"):
+            raise InvalidInputError(f"tune tries ort-cpu and openvino on this machine, not {r!r}")
+    variants: dict[str, Path] = {}
+    for backend, runtime, suffix in (("ort", "ort-cpu", ".onnx"), ("openvino", "openvino", ".xml")):
+        if not int8 or runtime not in runtimes or not get_runtime_class(runtime).available()[0]:
             continue
         try:
             res = quantize(fp32, out_dir / f"model.int8{'.ov' if backend == 'openvino' else ''}{suffix}",
                            backend=backend, calib=calib, max_drop=max_drop)
-            int8[runtime] = res.path
+            variants[runtime] = res.path
             log(f"int8 ({backend}): accuracy {res.report.acc_quant * 100:.2f}% "
                 f"(drop {res.report.drop_points:.2f} points)")
         except ParityError as e:
             log(f"int8 ({backend}) refused by the accuracy gate: {e}")
     ref = logits("ort-cpu", fp32, data.heldout)
-    cands = candidates(fp32, int8, threads)
+    cands = candidates(fp32, variants, threads, runtimes)
     from edgecnn.runtimes import load_runtime
 
     for c in cands:

@@ -1,0 +1,90 @@
+"""bench sweeps (sane numbers, parseable outputs, nothing labelled that did not run) and tune."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgecnn.data import synthetic_dataset
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgecnn", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_sweep_numbers_are_sane_and_outputs_parse(trained, tmp_path):
+    j, c, p = tmp_path / "b.json", tmp_path / "b.csv", tmp_path / "b.png"
+    r = cli("bench", trained.onnx, "--runtime", "ort-cpu,openvino", "--precision", "fp32,bf16", "--threads", "1",
+            "--batch", "1,4", "--min-time", "0.1", "--json", j, "--csv", c, "--plot", p)
+    assert r.returncode == 0, r.stderr
+    assert "machine:" in r.stdout and "roofline:" in r.stdout
+    doc = json.loads(j.read_text())
+    cells = {(x["runtime"], x["precision"], x["batch"]) for x in doc["rows"]}
+    assert cells == {("ort-cpu", "fp32", 1), ("ort-cpu", "fp32", 4), ("openvino", "fp32", 1),
+                     ("openvino", "fp32", 4), ("openvino", "bf16", 1), ("openvino", "bf16", 4)}
+    assert [(s["runtime"], s["precision"]) for s in doc["skipped"]] == [("ort-cpu", "bf16")]
+    assert doc["peak_gflops"] > 0 and doc["floor_img_s"] == pytest.approx(doc["peak_gflops"] * 1e9 / doc["flops_per_image"])
+    for x in doc["rows"]:
+        assert 0 < x["p50_ms"] <= x["p90_ms"] <= x["p99_ms"]
+        assert x["throughput"] == pytest.approx(x["batch"] * 1000.0 / x["mean_ms"], rel=1e-6)
+        assert x["threads"] == 1 and x["peak_rss_mb"] > 10 and x["load_s"] > 0
+        assert x["file_bytes"] == trained.onnx.stat().st_size
+        assert x["device"] == "CPU"
+        if x["precision"] == "fp32":
+            assert x["floor_pct"] == pytest.approx(100 * x["throughput"] / doc["floor_img_s"])
+        else:
+            assert "floor_pct" not in x
+    rows = list(csv.DictReader(c.open()))
+    assert len(rows) == 6 and float(rows[0]["throughput"]) > 0
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_never_reports_a_runtime_it_did_not_run(trained, tmp_path):
+    r = cli("bench", trained.onnx, "--runtime", "ort-cuda", "--batch", "1", "--min-time", "0.1", "--no-roofline")
+    assert r.returncode == 3
+    assert "no configuration could run here" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", trained.onnx, "--runtime", "ort-cpu,ort-cuda", "--batch", "1", "--min-time", "0.1",
+            "--no-roofline", "--json", tmp_path / "b.json")
+    assert r.returncode == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert {x["runtime"] for x in doc["rows"]} == {"ort-cpu"}
+    assert doc["skipped"][0]["runtime"] == "ort-cuda"
+
+
+def test_tune_writes_a_deploy_config_that_classifier_and_bench_load(trained, tmp_path):
+    from edgecnn.runtimes import Classifier
+
+    out = tmp_path / "tuned"
+    r = cli("tune", trained.onnx, "--runtime", "ort-cpu", "--threads", "1", "--min-time", "0.05", "--batch", "8",
+            "-o", out)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "deploy.json").read_text())
+    assert cfg["format"] == "edgecnn-deploy/1" and cfg["runtime"] == "ort-cpu"
+    chosen = [c for c in cfg["candidates"] if c["gate"] == "pass"]
+    assert chosen and cfg["measured"]["throughput"] == max(c["throughput"] for c in chosen)
+    assert {c["precision"] for c in cfg["candidates"]} == {"fp32", "int8"}
+    images = list(synthetic_dataset(10, seed=77).images)
+    with Classifier(out / "deploy.json") as tuned, Classifier(trained.onnx) as plain:
+        a = np.array([t[0][0] for t in tuned.classify(images)])
+        b = np.array([t[0][0] for t in plain.classify(images)])
+    assert (a == b).mean() >= 0.97
+    r = cli("bench", out / "deploy.json", "--batch", "1", "--min-time", "0.1", "--no-roofline")
+    assert r.returncode == 0, r.stderr
+    assert cfg["label_precision"] in r.stdout
+
+
+def test_deploy_config_cannot_point_outside_its_folder(tmp_path, trained):
+    from edgecnn.errors import InvalidInputError
+    from edgecnn.runtimes import Classifier
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "deploy.json").write_text(json.dumps(
+        {"format": "edgecnn-deploy/1", "runtime": "ort-cpu", "model": str(trained.onnx)}))
+    with pytest.raises(InvalidInputError, match="leaves the config's folder"):
+        Classifier(tmp_path / "d" / "deploy.json")
