@@ -93,7 +93,7 @@ def test_gate_threshold_is_the_users(trained, tmp_path):
     assert res.report.max_drop == 5.0 and res.report.passed
 
 
-def test_fp16_is_finite_and_within_fp16_tolerance(trained, tmp_path):
+def test_fp16_is_finite_and_within_fp16_tolerance(trained, tmp_path, run_cli):
     out = tmp_path / "m.fp16.onnx"
     res = quantize(trained.onnx_dynamic, out, precision="fp16")
     assert res.report.passed and any("not faster" in n for n in res.notes)
@@ -111,6 +111,9 @@ def test_fp16_is_finite_and_within_fp16_tolerance(trained, tmp_path):
     r = compare(ref, got, tolerance_for("fp16"))
     assert r.passed, r.reason
     assert 0 < r.max_abs < 1e-2  # really computed in fp16 (not identical), within tolerance
+    res = run_cli("verify", out, "--against", trained.pt)  # the fp16 row, picked from the file's metadata
+    assert res.exit_code == 0, res.output
+    assert [ln.split()[:2] for ln in res.output.splitlines() if ln.startswith("ort-cpu")] == [["ort-cpu", "fp16"]]
 
 
 def test_bad_arguments(trained, tmp_path):
