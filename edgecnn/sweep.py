@@ -1,0 +1,221 @@
+"""edgecnn bench sweeps: runtime x precision x threads x batch, each configuration in a fresh process
+(honest cold start and peak memory), with the machine and a roofline line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EdgeCNNError, InvalidInputError
+
+
+@dataclass
+class Config:
+    runtime: str
+    precision: str
+    threads: int | None
+    model: Path | None = None  # file this configuration runs
+    skipped: str = ""  # why it was not run
+
+
+@dataclass
+class SweepResult:
+    machine: str
+    flops_per_image: float
+    peak_gflops: float | None
+    peak_threads: int | None
+    rows: list[dict] = field(default_factory=list)  # BenchRow dicts + threads, peak_rss_mb, file_bytes, ...
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def floor_img_s(self) -> float | None:
+        return self.peak_gflops * 1e9 / self.flops_per_image if self.peak_gflops else None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["floor_img_s"] = self.floor_img_s
+        return d
+
+
+def _variant(model: Path, runtime: str, precision: str, tmp: Path, log) -> Path:
+    """The file a (runtime, precision) cell runs: the fp32 model, or its int8 sibling (quantized if absent)."""
+    from .bench import model_for_runtime
+
+    if precision != "int8":
+        return model_for_runtime(runtime, model)
+    if runtime not in ("ort-cpu", "openvino"):
+        raise InvalidInputError(f"int8 runs on ort-cpu and openvino, not {runtime}")
+    from edgecnn.exporters.quantize import default_output, model_precision, quantize
+
+    if model_precision(model) == "int8":
+        return model
+    backend = "openvino" if runtime == "openvino" else "ort"
+    sib = default_output(model, "int8", backend)
+    if sib.is_file():
+        return sib
+    log(f"quantizing {model.name} to int8 for {runtime} (built-in calibration, accuracy gate on)")
+    return quantize(model, tmp / sib.name, backend=backend, calib="builtin").path
+
+
+def plan(model: Path, runtimes: list[str], precisions: list[str], threads: list[int | None], tmp: Path,
+         log) -> list[Config]:
+    from edgecnn.runtimes import get_runtime_class
+
+    out = []
+    for rt, prec in itertools.product(runtimes, precisions):
+        cls = get_runtime_class(rt)
+        ok, why = cls.available()
+        if ok and prec != "int8" and prec not in cls.precisions:
+            ok, why = False, f"{rt} has no {prec} mode (it has {', '.join(cls.precisions)})"
+        path = None
+        if ok:
+            try:
+                path = _variant(model, rt, prec, tmp, log)
+            except EdgeCNNError as e:
+                ok, why = False, str(e)
+        for t in threads:
+            out.append(Config(rt, prec, t, path, "" if ok else why))
+    return out
+
+
+def run_config(cfg: Config, batches: list[int], min_time: float, warmup: int, timeout: float = 900) -> list[dict]:
+    """Time one configuration in a child process; returns its rows (with peak RSS and file size)."""
+    job = {"model": str(cfg.model), "runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
+           "batches": batches, "min_time": min_time, "warmup": warmup}
+    proc = subprocess.run([sys.executable, "-m", "edgecnn.bench", json.dumps(job)], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise InvalidInputError(f"{cfg.runtime} {cfg.precision}: the benchmark process failed: {last[:200]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list[str], batches: list[int],
+          threads: list[int | None], *, min_time: float = 1.0, warmup: int = 5, roofline: bool = True,
+          log=None, progress=None) -> SweepResult:
+    from .bench import default_model
+    from .machine import describe, measure_peak_gflops, net_flops
+
+    log = log or (lambda s: None)
+    if not batches or min(batches) < 1:
+        raise InvalidInputError("batch sizes must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="edgecnn-sweep-") as td:
+        tmp = Path(td)
+        if model is None:
+            onnx_path, _ = default_model(tmp)
+            model = onnx_path
+        model = Path(model)
+        if not model.is_file():
+            raise InvalidInputError(f"{model}: no such model file")
+        num_classes = _num_classes(model)
+        configs = plan(model, runtimes, precisions, threads, tmp, log)
+        max_threads = max((t for t in threads if t), default=None)
+        res = SweepResult(describe(), net_flops(num_classes), None, max_threads)
+        if roofline:
+            res.peak_gflops = measure_peak_gflops(max_threads or os.cpu_count())
+        for cfg in configs:
+            if cfg.skipped:
+                res.skipped.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
+                                    "reason": cfg.skipped})
+                continue
+            rows = run_config(cfg, batches, min_time, warmup)
+            for r in rows:
+                r["threads"] = cfg.threads
+                if res.floor_img_s and r["precision"] == "fp32" and r["device"] == "CPU":
+                    r["floor_pct"] = 100.0 * r["throughput"] / res.floor_img_s
+                res.rows.append(r)
+                if progress:
+                    progress(r)
+    return res
+
+
+def _num_classes(model: Path) -> int:
+    if model.suffix.lower() == ".onnx":
+        import onnx
+
+        m = onnx.load(str(model), load_external_data=False)
+        dims = m.graph.output[0].type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            return int(dims[-1].dim_value)
+    return 6
+
+
+def table(res: SweepResult) -> str:
+    from .report import table as tbl
+
+    lines = [f"machine: {res.machine}"]
+    if res.peak_gflops:
+        lines.append(f"roofline: {res.flops_per_image / 1e6:.1f} MFLOP/image; measured fp32 peak "
+                     f"{res.peak_gflops:.1f} GFLOP/s ({res.peak_threads or 'all'} threads, {2048}^3 matrix "
+                     f"product) -> compute floor {res.floor_img_s:,.0f} img/s")
+    body = tbl(["runtime", "device", "precision", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
+                "% floor", "load s", "peak RSS MB", "file MB", "note"],
+               [[r["runtime"], r["device"], r["precision"], r["threads"] or "auto", r["batch"], r["p50_ms"],
+                 r["p90_ms"], r["p99_ms"], r["throughput"],
+                 f"{r['floor_pct']:.0f}%" if r.get("floor_pct") is not None else "-", r["load_s"],
+                 r["peak_rss_mb"], r["file_bytes"] / 1e6, r.get("note", "")] for r in res.rows])
+    lines.append(body)
+    for s in res.skipped:
+        lines.append(f"skipped: {s['runtime']} {s['precision']} threads={s['threads'] or 'auto'}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def to_csv(res: SweepResult) -> str:
+    keys = ["runtime", "device", "precision", "threads", "batch", "iterations", "p50_ms", "p90_ms", "p99_ms",
+            "mean_ms", "throughput", "floor_pct", "load_s", "peak_rss_mb", "file_bytes", "note"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in res.rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def plot(res: SweepResult, path: str | os.PathLike) -> None:
+    """Throughput vs batch and latency percentiles, one line per configuration (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("matplotlib", "plot", "--plot") from None
+    from ._io import atomic_path
+
+    groups: dict[str, list[dict]] = {}
+    for r in res.rows:
+        groups.setdefault(f"{r['runtime']} {r['precision']} t={r['threads'] or 'auto'}", []).append(r)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["batch"])
+        bs = [r["batch"] for r in rows]
+        a.plot(bs, [r["throughput"] for r in rows], marker="o", label=name)
+        line = b.plot(bs, [r["p50_ms"] for r in rows], marker="o", label=f"{name} p50")[0]
+        b.fill_between(bs, [r["p50_ms"] for r in rows], [r["p99_ms"] for r in rows], color=line.get_color(),
+                       alpha=0.15)
+    if res.floor_img_s:
+        a.axhline(res.floor_img_s, color="k", ls="--", lw=1, label="fp32 compute floor")
+    for ax, title, ylabel in ((a, "throughput", "images / s"), (b, "latency p50 (band: p50-p99)", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    a.legend(fontsize=7)
+    fig.suptitle(res.machine, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110)
+    plt.close(fig)
