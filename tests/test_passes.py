@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from edgecnn.exporters.onnx import export
 from edgecnn.exporters.passes import optimize, swap_elu_maxpool
 
@@ -44,9 +43,9 @@ def test_export_applies_and_reports_the_swap(pair):
 @pytest.mark.parametrize("level", ["ORT_DISABLE_ALL", "ORT_ENABLE_ALL"])
 def test_logits_bit_identical(pair, level):
     import onnxruntime as ort
+    from edgecnn.runtimes.preprocess import normalize
 
     from edgecnn.data import synthetic_dataset
-    from edgecnn.runtimes.preprocess import normalize
 
     opt, plain = pair
     lvl = getattr(ort.GraphOptimizationLevel, level)

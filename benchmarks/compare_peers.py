@@ -1,0 +1,248 @@
+"""edgecnn against what a user would otherwise do, in one run on one machine.
+
+    python benchmarks/compare_peers.py [--checkpoint model.pt] [--min-time 2] [--out benchmarks/results]
+
+Baselines: PyTorch eager (inference_mode), torch.compile, a plain torch.onnx.export + default
+InferenceSession ("naive ORT"), OpenVINO with default settings. edgecnn rows: its default
+(Classifier / bench with no options), the fastest configuration with exact fp32 parity, and the
+fastest configuration that passes the accuracy gate (from `edgecnn tune`). Reports batch-1 latency
+and batch-64 throughput as ratios to naive ORT and to PyTorch eager, the roofline floor, and ORT's
+per-node profile of the fp32 default. Writes peers.md and peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+
+
+def time_fn(fn, inputs: list, min_time: float, warmup: int = 5) -> dict:
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    ts, start = [], time.perf_counter()
+    while len(ts) < 10 or time.perf_counter() - start < min_time:
+        x = inputs[len(ts) % len(inputs)]
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    t = np.asarray(ts) * 1e3
+    b = len(inputs[0])
+    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "throughput": float(b * len(t) / (t.sum() / 1e3)), "iterations": len(t)}
+
+
+def measure(name: str, make, inputs1, inputs64, min_time, results, note=""):
+    print(f"  {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    fn = make()
+    load = time.perf_counter() - t0
+    r1, r64 = time_fn(fn, inputs1, min_time), time_fn(fn, inputs64, min_time)
+    results.append({"name": name, "load_s": load, "b1_p50_ms": r1["p50_ms"], "b1_p99_ms": r1["p99_ms"],
+                    "b64_throughput": r64["throughput"], "note": note})
+    del fn
+    gc.collect()
+    print(f"    b1 p50 {r1['p50_ms']:.3f} ms, b64 {r64['throughput']:,.0f} img/s", file=sys.stderr)
+
+
+def naive_export(net, path: Path) -> None:
+    import torch
+
+    x = torch.zeros(1, 3, 64, 64)
+    kw = dict(input_names=["input"], output_names=["logits"],
+              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    try:
+        torch.onnx.export(net, (x,), str(path), **kw)  # the user's plain call (the default exporter)
+    except Exception:  # noqa: BLE001 - older default exporter paths
+        torch.onnx.export(net, (x,), str(path), dynamo=False, **kw)
+
+
+def ort_profile(model: Path, x: np.ndarray, runs: int = 20) -> list[tuple[str, float]]:
+    """Share of time per node type for the edgecnn default ORT session (ORT's own profiler)."""
+    import onnxruntime as ort
+
+    from edgecnn.runtimes.ort import OrtCpu
+
+    rt = OrtCpu(model)
+    so = rt.session_options(ort)
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory() as td:
+        so.profile_file_prefix = str(Path(td) / "prof")
+        s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+        for _ in range(runs):
+            s.run(None, {name: x})
+        events = json.loads(Path(s.end_profiling()).read_text())
+    per: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per[op] = per.get(op, 0.0) + e["dur"]
+    total = sum(per.values()) or 1.0
+    return sorted(((k, 100 * v / total) for k, v in per.items()), key=lambda kv: -kv[1])
+
+
+def main() -> None:  # noqa: C901 - one linear script
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--min-time", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    a = ap.parse_args()
+
+    import onnxruntime as ort
+    import openvino as ov
+    import torch
+
+    from edgecnn.bench import make_inputs
+    from edgecnn.checkpoint import load_checkpoint
+    from edgecnn.exporters.onnx import export
+    from edgecnn.machine import describe, measure_peak_gflops, net_flops
+    from edgecnn.runtimes import load_runtime
+    from edgecnn.tune import tune
+
+    work = Path(tempfile.mkdtemp(prefix="edgecnn-peers-"))
+    ckpt_path = a.checkpoint
+    if ckpt_path is None:
+        from edgecnn.data import synthetic_dataset
+        from edgecnn.train import TrainConfig, train_to_file
+
+        ckpt_path = work / "model.pt"
+        print("training a model for the accuracy gate (600 images/class, 4 epochs)", file=sys.stderr)
+        train_to_file(synthetic_dataset(600, 0), TrainConfig(epochs=4, progress=False), ckpt_path,
+                      log=lambda s: print(s, file=sys.stderr))
+    ck = load_checkpoint(ckpt_path)
+    net = ck.build_model()
+    ours = export(ckpt_path, work / "model.onnx", dynamic_batch=True).path
+    naive = work / "naive.onnx"
+    naive_export(ck.build_model(), naive)
+    inputs1 = make_inputs(1, ck.mean, ck.std)
+    inputs64 = make_inputs(64, ck.mean, ck.std)
+    threads = os.cpu_count() or 1
+    machine = describe()
+    peak = measure_peak_gflops(threads)
+    flops = net_flops(ck.num_classes)
+    floor = peak * 1e9 / flops
+    print(f"{machine}\npeak {peak:.1f} GFLOP/s -> floor {floor:,.0f} img/s", file=sys.stderr)
+
+    res: list[dict] = []
+
+    def eager():
+        def f(x):
+            with torch.inference_mode():
+                return net(torch.from_numpy(x)).numpy()
+        return f
+
+    measure("PyTorch eager (inference_mode)", eager, inputs1, inputs64, a.min_time, res)
+    if not a.no_compile:
+        def compiled():
+            c = torch.compile(net)
+
+            def f(x):
+                with torch.inference_mode():
+                    return c(torch.from_numpy(x)).numpy()
+            for x in (inputs1[0], inputs64[0]):
+                f(x)  # compile for both shapes before timing
+            return f
+        measure("torch.compile (inductor)", compiled, inputs1, inputs64, a.min_time, res,
+                "compile time is the load time")
+
+    def naive_ort():
+        s = ort.InferenceSession(str(naive))
+        n = s.get_inputs()[0].name
+        return lambda x: s.run(None, {n: x})[0]
+
+    measure("naive ORT (torch.onnx.export + default InferenceSession)", naive_ort, inputs1, inputs64,
+            a.min_time, res)
+
+    def ov_default():
+        c = ov.Core().compile_model(str(naive), "CPU")
+        prec = str(c.get_property("INFERENCE_PRECISION_HINT"))
+        res_note["ov"] = prec
+        r = c.create_infer_request()
+        return lambda x: r.infer({0: x})[0]
+
+    res_note: dict[str, str] = {}
+    measure("OpenVINO default settings", ov_default, inputs1, inputs64, a.min_time, res)
+    res[-1]["note"] = f"runs {res_note.get('ov', '?')} (OpenVINO's default on this CPU), not fp32"
+
+    def ours_default():
+        rt = load_runtime("ort-cpu", ours)
+        return rt.run
+
+    measure("edgecnn default (ort-cpu, fp32)", ours_default, inputs1, inputs64, a.min_time, res,
+            "exact fp32 parity; exact graph passes")
+
+    print("tuning (edgecnn tune)...", file=sys.stderr)
+    cfg, cands = tune(ours, work / "tuned", min_time=max(0.5, a.min_time / 2), log=lambda s: print(s, file=sys.stderr))
+    fp32 = [c for c in cands if c.gate == "pass" and c.precision == "fp32"]
+    best32 = max(fp32, key=lambda c: c.throughput)
+    passing = [c for c in cands if c.gate == "pass"]
+    best = max(passing, key=lambda c: c.throughput)
+    for label, c in (("edgecnn fastest exact fp32", best32), ("edgecnn fastest passing the accuracy gate", best)):
+        def mk(c=c):
+            rt = load_runtime(c.runtime, c.model, precision=c.run_precision, threads=c.threads, **c.options)
+            return rt.run
+        measure(f"{label}: {c.label()}", mk, inputs1, inputs64, a.min_time, res,
+                f"accuracy {c.accuracy * 100:.2f}%, drop {c.drop_points:+.2f} pts, top-1 agreement {c.agreement * 100:.1f}%")
+    prof = ort_profile(ours, inputs64[0])
+
+    base_ort = next(r for r in res if r["name"].startswith("naive ORT"))
+    base_eager = next(r for r in res if r["name"].startswith("PyTorch eager"))
+    for r in res:
+        r["b64_vs_naive_ort"] = r["b64_throughput"] / base_ort["b64_throughput"]
+        r["b64_vs_eager"] = r["b64_throughput"] / base_eager["b64_throughput"]
+        r["b1_latency_vs_naive_ort"] = r["b1_p50_ms"] / base_ort["b1_p50_ms"]
+        r["b1_latency_vs_eager"] = r["b1_p50_ms"] / base_eager["b1_p50_ms"]
+    default = next(r for r in res if r["name"].startswith("edgecnn default"))
+    fastest32 = next(r for r in res if r["name"].startswith("edgecnn fastest exact fp32"))
+    fastest = next(r for r in res if r["name"].startswith("edgecnn fastest passing"))
+    best32_row = max((default, fastest32), key=lambda r: r["b64_throughput"])
+    targets = [
+        ("fp32 exact, b64: >= 1.8x naive ORT", best32_row["b64_vs_naive_ort"], 1.8),
+        ("fp32 exact, b64: >= 5x PyTorch eager", best32_row["b64_vs_eager"], 5.0),
+        ("fp32 exact, b64: >= 85% of the compute floor", 100 * best32_row["b64_throughput"] / floor, 85.0),
+        ("fastest passing gate, b64: >= 3.5x naive ORT", fastest["b64_vs_naive_ort"], 3.5),
+        ("fastest passing gate, b64: >= 10x PyTorch eager", fastest["b64_vs_eager"], 10.0),
+        ("default b1 latency: <= 0.6x naive ORT", default["b1_latency_vs_naive_ort"], 0.6),
+    ]
+    a.out.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine, "peak_gflops": peak, "flops_per_image": flops, "floor_img_s": floor,
+           "threads": threads, "rows": res, "ort_profile_fp32_b64": prof, "deploy": cfg,
+           "targets": [{"target": t, "value": v, "goal": g} for t, v, g in targets]}
+    (a.out / "peers.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    md = ["# edgecnn vs the peers (one run, one machine)", "",
+          f"Machine: {machine}. Threads: {threads}. Command: `python benchmarks/compare_peers.py"
+          f" --min-time {a.min_time:g}`", "",
+          f"Roofline: {flops / 1e6:.1f} MFLOP per image; measured fp32 peak {peak:.1f} GFLOP/s (2048^3 matrix "
+          f"product, {threads} threads) -> fp32 compute floor {floor:,.0f} img/s.", "",
+          "| configuration | b1 p50 ms | b1 vs naive ORT | b1 vs eager | b64 img/s | b64 vs naive ORT | b64 vs eager "
+          "| % of fp32 floor | load s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        md.append(f"| {r['name']} | {r['b1_p50_ms']:.3f} | {r['b1_latency_vs_naive_ort']:.2f}x | "
+                  f"{r['b1_latency_vs_eager']:.2f}x | {r['b64_throughput']:,.0f} | {r['b64_vs_naive_ort']:.2f}x | "
+                  f"{r['b64_vs_eager']:.2f}x | {100 * r['b64_throughput'] / floor:.0f}% | {r['load_s']:.2f} | "
+                  f"{r['note']} |")
+    md += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for t, v, g in targets:
+        met = v <= g if "<=" in t else v >= g
+        md.append(f"| {t} | {v:.2f}{'%' if '%' in t else 'x'} | {'yes' if met else f'no (short by {abs(v - g):.2f})'} |")
+    md += ["", "## Where the fp32 time goes (ORT profiler, edgecnn default, batch 64)", "",
+           "| node type | share of kernel time |", "|---|---|"]
+    md += [f"| {op} | {pct:.1f}% |" for op, pct in prof]
+    (a.out / "peers.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
