@@ -70,7 +70,6 @@ def naive_export(net, path: Path) -> None:
 def ort_profile(model: Path, x: np.ndarray, runs: int = 20) -> list[tuple[str, float]]:
     """Share of time per node type for the edgecnn default ORT session (ORT's own profiler)."""
     import onnxruntime as ort
-
     from edgecnn.runtimes.ort import OrtCpu
 
     rt = OrtCpu(model)
@@ -103,12 +102,12 @@ def main() -> None:  # noqa: C901 - one linear script
     import onnxruntime as ort
     import openvino as ov
     import torch
+    from edgecnn.exporters.onnx import export
+    from edgecnn.runtimes import load_runtime
 
     from edgecnn.bench import make_inputs
     from edgecnn.checkpoint import load_checkpoint
-    from edgecnn.exporters.onnx import export
     from edgecnn.machine import describe, measure_peak_gflops, net_flops
-    from edgecnn.runtimes import load_runtime
     from edgecnn.tune import tune
 
     work = Path(tempfile.mkdtemp(prefix="edgecnn-peers-"))

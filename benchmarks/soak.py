@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 
 def soak(runtime: str = "ort-cpu", iterations: int = 100_000, samples: int = 50) -> dict:
+    from edgecnn.runtimes import Classifier
+
     from edgecnn.bench import default_model
     from edgecnn.data import synthetic_dataset
-    from edgecnn.runtimes import Classifier
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as td:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
+from edgecnn.runtimes.preprocess import DEFAULT_MEAN, DEFAULT_STD
+
 from . import __version__
 from ._io import atomic_path
 from .errors import InvalidModelError
 from .model import INPUT_SIZE, Net, check_state_dict
-from edgecnn.runtimes.preprocess import DEFAULT_MEAN, DEFAULT_STD
 
 
 def sha256_file(path: str | os.PathLike) -> str:

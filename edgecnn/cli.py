@@ -414,7 +414,7 @@ def predict(model, images, top_k, runtime, isolate):
         args = ["predict", str(model), *map(str, images), "--top-k", str(top_k), "--runtime", runtime]
         sys.exit(isolated_cli(args, f"running {model}"))
     with Classifier(model, runtime=runtime) as clf:
-        for img, preds in zip(images, clf.classify(list(images), top_k=top_k)):
+        for img, preds in zip(images, clf.classify(list(images), top_k=top_k), strict=True):
             click.echo(f"{img}: " + ", ".join(f"{label} {p:.4f}" for label, p in preds))
 
 

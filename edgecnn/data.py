@@ -97,7 +97,7 @@ def synthetic_dataset(per_class: int = 300, seed: int = 0) -> Dataset:
         raise InvalidInputError("per_class must be >= 1")
     rng = np.random.default_rng(seed)
     images, labels = [], []
-    for i in range(per_class):
+    for _ in range(per_class):
         for c, name in enumerate(SYNTHETIC_CLASSES):
             images.append(_draw_sample(name, rng))
             labels.append(c)

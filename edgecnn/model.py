@@ -55,7 +55,7 @@ def check_state_dict(sd: dict) -> int:
         got = tuple(t.shape)
         if len(got) != len(want):
             raise ValueError(f"{k} has shape {list(got)}, expected {list(want)}")
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             if w == "C":
                 if num_classes is None:
                     num_classes = g

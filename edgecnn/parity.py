@@ -180,9 +180,8 @@ def matrix_cells(model_path, checkpoint, runtimes: list[str] | None = None,
     None every precision each runtime supports. The torch runtime runs the checkpoint itself."""
     from pathlib import Path
 
-    from edgecnn.runtimes import get_runtime_class, runtime_names
-
     from edgecnn.exporters.quantize import model_precision
+    from edgecnn.runtimes import get_runtime_class, runtime_names
 
     cells = []
     file_precision = model_precision(model_path)  # "int8"/"fp16" for a file `edgecnn quantize` wrote

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,7 +17,7 @@ DEFAULT_STD = (0.25, 0.25, 0.25)
 # Pillow refuses images above this many pixels (decompression-bomb guard); 8k x 8k is plenty.
 MAX_PIXELS = 8192 * 8192
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 def _open(path: str | os.PathLike) -> Image.Image:

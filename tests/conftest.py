@@ -23,8 +23,9 @@ class TrainedModel:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> TrainedModel:
     """The seed Net trained briefly on the built-in set (about 15 s), exported twice."""
-    from edgecnn.data import synthetic_dataset
     from edgecnn.exporters.onnx import export
+
+    from edgecnn.data import synthetic_dataset
     from edgecnn.train import TrainConfig, train_to_file
 
     folder = tmp_path_factory.mktemp("trained")

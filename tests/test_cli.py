@@ -74,7 +74,7 @@ def test_train_rejects_bad_data_and_writes_nothing(tmp_path):
 
 def test_train_on_image_folder_then_predict(tmp_path):
     ds = synthetic_dataset(12, seed=3)
-    for i, (img, lab) in enumerate(zip(ds.images, ds.labels)):
+    for i, (img, lab) in enumerate(zip(ds.images, ds.labels, strict=True)):
         if lab > 2:
             continue
         (tmp_path / "data" / ds.class_names[lab]).mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def test_split_is_stratified_and_disjoint():
 
 def test_image_folder_reads_any_size_and_mode(tmp_path):
     ds = synthetic_dataset(3, seed=1)
-    for i, (img, lab) in enumerate(zip(ds.images, ds.labels)):
+    for i, (img, lab) in enumerate(zip(ds.images, ds.labels, strict=True)):
         d = tmp_path / ds.class_names[lab]
         d.mkdir(exist_ok=True)
         im = Image.fromarray(img).resize((100 + i, 80))

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from edgecnn.exporters.onnx import export
 
 from edgecnn.checkpoint import load_checkpoint
-from edgecnn.exporters.onnx import export
 
 
 def _dims(vi):

@@ -12,6 +12,8 @@ import threading
 import numpy as np
 import onnx
 import pytest
+from edgecnn.runtimes import Classifier, load_runtime, preprocess
+from edgecnn.runtimes.onnx_guard import external_data_locations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -19,8 +21,6 @@ from PIL import Image
 
 from edgecnn.data import synthetic_dataset
 from edgecnn.errors import InvalidInputError, InvalidModelError
-from edgecnn.runtimes import Classifier, load_runtime, preprocess
-from edgecnn.runtimes.onnx_guard import external_data_locations
 
 
 # ------------------------------------------------------------------------------ external data
@@ -254,7 +254,7 @@ def test_one_classifier_shared_by_8_threads_matches_serial(trained):
             t.join()
     assert not errors
     for tid in range(8):
-        for got, want in zip(results[tid], serial):
+        for got, want in zip(results[tid], serial, strict=True):
             np.testing.assert_array_equal(got, want)
 
 

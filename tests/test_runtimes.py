@@ -9,12 +9,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from edgecnn.runtimes import Classifier, load_runtime, preprocess, runtime_names
 from PIL import Image
 
 from edgecnn.checkpoint import load_checkpoint
 from edgecnn.data import synthetic_dataset
 from edgecnn.errors import InvalidInputError, InvalidModelError, RuntimeUnavailableError
-from edgecnn.runtimes import Classifier, load_runtime, preprocess, runtime_names
 
 
 def test_classifier_runs_where_torch_cannot_be_imported(trained, tmp_path):

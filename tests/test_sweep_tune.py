@@ -80,8 +80,9 @@ def test_tune_writes_a_deploy_config_that_classifier_and_bench_load(trained, tmp
 
 
 def test_deploy_config_cannot_point_outside_its_folder(tmp_path, trained):
-    from edgecnn.errors import InvalidInputError
     from edgecnn.runtimes import Classifier
+
+    from edgecnn.errors import InvalidInputError
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "deploy.json").write_text(json.dumps(
