@@ -197,39 +197,53 @@ def trained_runtime(trained):
 
 # ------------------------------------------------------------------------------ crash mid-write
 KILL_MID_WRITE = textwrap.dedent("""
-    import os, signal, sys
+    import io, os, signal, sys
     import onnx, torch
-    which = sys.argv[1]
-    real_onnx_save, real_torch_save = onnx.save, torch.save
+    target_dir = os.path.abspath(sys.argv[1])
+    real = {"onnx.save": onnx.save, "onnx.save_model": onnx.save_model, "torch.save": torch.save}
+
     def half_then_die(data: bytes, f):
         with open(f, "wb") as fh:
             fh.write(data[: len(data) // 2]); fh.flush(); os.fsync(fh.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
-    if which == "export":
-        onnx.save = lambda m, f, *a, **k: half_then_die(m.SerializeToString(), f)
-    else:
-        import io
-        def tsave(obj, f, *a, **k):
-            buf = io.BytesIO(); real_torch_save(obj, buf); half_then_die(buf.getvalue(), f)
-        torch.save = tsave
+
+    def beside_target(f):
+        return isinstance(f, (str, os.PathLike)) and os.path.dirname(os.path.abspath(f)) == target_dir
+
+    def onnx_writer(name):
+        def w(m, f, *a, **k):
+            if beside_target(f):
+                half_then_die(m.SerializeToString(), f)
+            return real[name](m, f, *a, **k)
+        return w
+
+    def tsave(obj, f, *a, **k):
+        if beside_target(f):
+            buf = io.BytesIO(); real["torch.save"](obj, buf); half_then_die(buf.getvalue(), f)
+        return real["torch.save"](obj, f, *a, **k)
+
+    onnx.save, onnx.save_model, torch.save = onnx_writer("onnx.save"), onnx_writer("onnx.save_model"), tsave
     from edgecnn.cli import main
     sys.argv = ["edgecnn", *sys.argv[2:]]
     main()
 """)
 
 
-@pytest.mark.parametrize("which", ["export", "train"])
+@pytest.mark.parametrize("which", ["export", "train", "quantize"])
 def test_kill_mid_write_leaves_the_target_intact(trained, tmp_path, which):
-    target = tmp_path / ("model.onnx" if which == "export" else "model.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("model.pt" if which == "train" else "model.onnx")
     old = b"previous good version"
     target.write_bytes(old)
-    args = (["export", str(trained.pt), "-o", str(target)] if which == "export" else
-            ["train", "--per-class", "5", "--epochs", "1", "--no-progress", "-o", str(target)])
-    r = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, which, *args], capture_output=True, timeout=300)
+    args = {"export": ["export", str(trained.pt), "-o", str(target)],
+            "train": ["train", "--per-class", "5", "--epochs", "1", "--no-progress", "-o", str(target)],
+            "quantize": ["quantize", str(trained.onnx_dynamic), "-o", str(target)]}[which]
+    r = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(out), *args], capture_output=True, timeout=300)
     assert r.returncode == -9, r.stderr.decode()[-2000:]  # really killed mid-write
     assert target.read_bytes() == old  # the target was never touched
-    leftovers = [p for p in tmp_path.iterdir() if p != target]
-    assert all(p.name.startswith(".") and ".tmp" in p.name for p in leftovers)  # only a hidden temp
+    leftovers = [p for p in out.iterdir() if p != target]
+    assert leftovers and all(p.name.startswith(".") and ".tmp" in p.name for p in leftovers)  # only hidden temps
 
 
 # ------------------------------------------------------------------------------ threads
