@@ -107,7 +107,7 @@ def main() -> None:  # noqa: C901 - one linear script
 
     from edgecnn.bench import make_inputs
     from edgecnn.checkpoint import load_checkpoint
-    from edgecnn.machine import describe, measure_peak_gflops, net_flops
+    from edgecnn.machine import describe, measure_peak, net_flops
     from edgecnn.tune import tune
 
     work = Path(tempfile.mkdtemp(prefix="edgecnn-peers-"))
@@ -129,7 +129,7 @@ def main() -> None:  # noqa: C901 - one linear script
     inputs64 = make_inputs(64, ck.mean, ck.std)
     threads = os.cpu_count() or 1
     machine = describe()
-    peak = measure_peak_gflops(threads)
+    peak, peak_src = measure_peak(threads)
     flops = net_flops(ck.num_classes)
     floor = peak * 1e9 / flops
     print(f"{machine}\npeak {peak:.1f} GFLOP/s -> floor {floor:,.0f} img/s", file=sys.stderr)
@@ -223,8 +223,8 @@ def main() -> None:  # noqa: C901 - one linear script
     md = ["# edgecnn vs the peers (one run, one machine)", "",
           f"Machine: {machine}. Threads: {threads}. Command: `python benchmarks/compare_peers.py"
           f" --min-time {a.min_time:g}`", "",
-          f"Roofline: {flops / 1e6:.1f} MFLOP per image; measured fp32 peak {peak:.1f} GFLOP/s (2048^3 matrix "
-          f"product, {threads} threads) -> fp32 compute floor {floor:,.0f} img/s.", "",
+          f"Roofline: {flops / 1e6:.1f} MFLOP per image; measured fp32 peak {peak:.1f} GFLOP/s ({peak_src}) "
+          f"-> fp32 compute floor {floor:,.0f} img/s.", "",
           "| configuration | b1 p50 ms | b1 vs naive ORT | b1 vs eager | b64 img/s | b64 vs naive ORT | b64 vs eager "
           "| % of fp32 floor | load s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res:

@@ -32,6 +32,8 @@ class SweepResult:
     flops_per_image: float
     peak_gflops: float | None
     peak_threads: int | None
+    peak_source: str = ""
+    peaks: dict = field(default_factory=dict)  # threads -> measured GFLOP/s (rows use their own)
     rows: list[dict] = field(default_factory=list)  # BenchRow dicts + threads, peak_rss_mb, file_bytes, ...
     skipped: list[dict] = field(default_factory=list)
 
@@ -102,7 +104,7 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
           threads: list[int | None], *, min_time: float = 1.0, warmup: int = 5, roofline: bool = True,
           log=None, progress=None) -> SweepResult:
     from .bench import default_model
-    from .machine import describe, measure_peak_gflops, net_flops
+    from .machine import describe, measure_peak, net_flops
 
     log = log or (lambda s: None)
     if not batches or min(batches) < 1:
@@ -120,7 +122,12 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
         max_threads = max((t for t in threads if t), default=None)
         res = SweepResult(describe(), net_flops(num_classes), None, max_threads)
         if roofline:
-            res.peak_gflops = measure_peak_gflops(max_threads or os.cpu_count())
+            top = max_threads or os.cpu_count() or 1
+            for t in sorted({t or os.cpu_count() or 1 for t in threads} | {top}):
+                gflops, source = measure_peak(t)
+                res.peaks[t] = gflops
+                if t == top:
+                    res.peak_gflops, res.peak_source = gflops, source
         for cfg in configs:
             if cfg.skipped:
                 res.skipped.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
@@ -129,8 +136,10 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
             rows = run_config(cfg, batches, min_time, warmup)
             for r in rows:
                 r["threads"] = cfg.threads
-                if res.floor_img_s and r["precision"] == "fp32" and r["device"] == "CPU":
-                    r["floor_pct"] = 100.0 * r["throughput"] / res.floor_img_s
+                peak = res.peaks.get(cfg.threads or os.cpu_count() or 1)
+                if peak and r["precision"] == "fp32" and r["device"] == "CPU":
+                    r["floor_img_s"] = peak * 1e9 / res.flops_per_image
+                    r["floor_pct"] = 100.0 * r["throughput"] / r["floor_img_s"]
                 res.rows.append(r)
                 if progress:
                     progress(r)
@@ -154,8 +163,10 @@ def table(res: SweepResult) -> str:
     lines = [f"machine: {res.machine}"]
     if res.peak_gflops:
         lines.append(f"roofline: {res.flops_per_image / 1e6:.1f} MFLOP/image; measured fp32 peak "
-                     f"{res.peak_gflops:.1f} GFLOP/s ({res.peak_threads or 'all'} threads, {2048}^3 matrix "
-                     f"product) -> compute floor {res.floor_img_s:,.0f} img/s")
+                     f"{res.peak_gflops:.1f} GFLOP/s ({res.peak_source}) -> fp32 compute floor "
+                     f"{res.floor_img_s:,.0f} img/s"
+                     + "".join(f"; {t} thread(s): {g:.1f} GFLOP/s" for t, g in sorted(res.peaks.items())
+                               if len(res.peaks) > 1))
     body = tbl(["runtime", "device", "precision", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
                 "% floor", "load s", "peak RSS MB", "file MB", "note"],
                [[r["runtime"], r["device"], r["precision"], r["threads"] or "auto", r["batch"], r["p50_ms"],

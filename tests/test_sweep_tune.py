@@ -37,7 +37,8 @@ def test_sweep_numbers_are_sane_and_outputs_parse(trained, tmp_path):
         assert x["file_bytes"] == trained.onnx.stat().st_size
         assert x["device"] == "CPU"
         if x["precision"] == "fp32":
-            assert x["floor_pct"] == pytest.approx(100 * x["throughput"] / doc["floor_img_s"])
+            assert x["floor_pct"] == pytest.approx(100 * x["throughput"] / x["floor_img_s"])
+            assert x["floor_img_s"] == pytest.approx(doc["peaks"]["1"] * 1e9 / doc["flops_per_image"])
         else:
             assert "floor_pct" not in x
     rows = list(csv.DictReader(c.open()))
