@@ -383,7 +383,8 @@ def tune(model, output, max_drop, calib, runtimes, threads, batch, objective, in
     cfg, cands = do_tune(model, output, max_drop=max_drop, calib=calib, threads=threads, batch=batch,
                          objective=objective, min_time=min_time, runtimes=runtimes, int8=int8,
                          log=lambda s: click.echo(s, err=True))
-    rows = [[c.runtime, c.precision, c.threads or "auto", ",".join(f"{k}={v}" for k, v in c.options.items()),
+    rows = [[c.runtime, c.precision if c.run_precision in ("fp32", c.precision) else f"{c.precision}+{c.run_precision}",
+             c.threads or "auto", ",".join(f"{k}={v}" for k, v in c.options.items()),
              "pass" if c.gate == "pass" else c.gate[:50],
              f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-",
              f"{c.throughput:,.0f}" if c.throughput else "-", f"{c.p50_ms:.3f}" if c.p50_ms else "-"]

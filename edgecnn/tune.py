@@ -33,7 +33,10 @@ class Candidate:
 
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.runtime} {self.precision} threads={self.threads or 'auto'}" + (f" {opts}" if opts else "")
+        prec = self.precision
+        if self.run_precision not in ("fp32", self.precision):
+            prec += f" ({self.run_precision} float ops)"
+        return f"{self.runtime} {prec} threads={self.threads or 'auto'}" + (f" {opts}" if opts else "")
 
     def config(self, base: Path) -> dict:
         return {"runtime": self.runtime, "precision": self.run_precision, "label_precision": self.precision,
@@ -75,6 +78,9 @@ def candidates(fp32: Path, int8: dict[str, Path], threads: list[int],
                     out.append(Candidate("openvino", "bf16", fp32, "bf16", threads=t, options={"hint": hint}))
                 if "openvino" in int8:
                     out.append(Candidate("openvino", "int8", int8["openvino"], threads=t, options={"hint": hint}))
+                    if bf16:  # the ops NNCF leaves in float (Elu, pooling, logits) run in bf16
+                        out.append(Candidate("openvino", "int8", int8["openvino"], "bf16", threads=t,
+                                             options={"hint": hint}))
     return out
 
 

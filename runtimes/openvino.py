@@ -108,7 +108,10 @@ class OpenVino(Runtime):
     def _load(self) -> None:
         ov = _import_ov()
         device = str(self.options.pop("device", "CPU")).upper()
-        hint = self.options.pop("hint", None)
+        # Default hint: latency. Measured on a 2-core AVX-512 EPYC (synchronous run(), one request per
+        # thread, fp32): LATENCY gives 5,504 img/s at batch 64 and 0.25 ms p50 at batch 1; THROUGHPUT splits
+        # the cores into streams that a single synchronous request cannot use (2,838 img/s, 0.38 ms).
+        hint = self.options.pop("hint", "latency")
         if self.options:
             raise InvalidInputError(f"openvino: unknown options {', '.join(sorted(self.options))}")
         base = device.split(":")[0].split(".")[0]
