@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import Dataset, split
 from .errors import InvalidInputError, RuntimeUnavailableError
 from .model import Net
-from .train import TrainConfig, TrainResult, _progress
+from .train import TrainConfig, TrainResult, _progress, make_checkpoint
 
 
 @dataclass(frozen=True)
@@ -152,16 +152,9 @@ def _train_rank(info: DistInfo, ds: Dataset, cfg: TrainConfig, out: Path, log) -
         say(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
             f"val accuracy {row['val_accuracy'] * 100:.2f}%")
     seconds = time.perf_counter() - t0
-    net.eval()
-    ckpt = Checkpoint(
-        state_dict={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-        num_classes=len(ds.class_names), class_names=list(ds.class_names), mean=mean, std=std,
-        summary={"val_accuracy": history[-1]["val_accuracy"], "epochs": cfg.epochs, "seed": cfg.seed,
-                 "train_images": len(yt), "val_images": len(val_ds), "seconds": round(seconds, 1),
-                 "history": history, "val_fraction": cfg.val_fraction,
-                 "distributed": {"world_size": info.world_size, "backend": info.backend,
-                                 "batch_per_process": batch}},
-    )
+    ckpt = make_checkpoint(net, ds, mean, std, cfg, history, len(yt), len(val_ds), seconds,
+                           distributed={"world_size": info.world_size, "backend": info.backend,
+                                        "batch_per_process": batch})
     if main:
         save_checkpoint(ckpt, out)  # once, by rank 0 (atomic: temp file, then rename)
     dist.barrier()  # nobody reports success before the checkpoint exists

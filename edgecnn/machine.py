@@ -6,7 +6,6 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 from functools import lru_cache
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",

@@ -102,15 +102,21 @@ def train(ds: Dataset, cfg: TrainConfig, log: Callable[[str], None] | None = Non
         log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
             f"val accuracy {val_acc * 100:.2f}%")
     seconds = time.perf_counter() - t0
+    ckpt = make_checkpoint(net, ds, mean, std, cfg, history, len(yt), len(yv), seconds)
+    return TrainResult(ckpt, history, history[-1]["val_accuracy"], seconds)
+
+
+def make_checkpoint(net: nn.Module, ds: Dataset, mean, std, cfg: TrainConfig, history: list[dict],
+                    n_train: int, n_val: int, seconds: float, **extra) -> Checkpoint:
+    """The trained weights plus the metadata every checkpoint carries (one place for both trainers)."""
     net.eval()
-    ckpt = Checkpoint(
-        state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+    return Checkpoint(
+        state_dict={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         num_classes=len(ds.class_names), class_names=list(ds.class_names), mean=mean, std=std,
         summary={"val_accuracy": history[-1]["val_accuracy"], "epochs": cfg.epochs, "seed": cfg.seed,
-                 "train_images": len(yt), "val_images": len(yv), "seconds": round(seconds, 1),
-                 "history": history, "val_fraction": cfg.val_fraction},
+                 "train_images": n_train, "val_images": n_val, "seconds": round(seconds, 1),
+                 "history": history, "val_fraction": cfg.val_fraction, **extra},
     )
-    return TrainResult(ckpt, history, history[-1]["val_accuracy"], seconds)
 
 
 def train_to_file(ds: Dataset, cfg: TrainConfig, out: str | os.PathLike, log=None) -> TrainResult:

@@ -37,18 +37,25 @@ def _shape_of(value_info) -> tuple:
 class _OrtRuntime(Runtime):
     providers: tuple = ("CPUExecutionProvider",)
 
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
+    @staticmethod
+    def _probe(not_installed: str) -> tuple[object, list[str], str]:
+        """(onnxruntime module, its providers, "") or (None, [], why it cannot be used). Never raises."""
         if not has_module("onnxruntime"):
-            return False, "onnxruntime is not installed (pip install 'edgecnn[device]')"
+            return None, [], not_installed
         conflict = ort_conflict()
         if conflict:
-            return False, conflict
+            return None, [], conflict
         try:
             ort = _import_ort()
-            have = ort.get_available_providers()
+            return ort, list(ort.get_available_providers()), ""
         except Exception as e:  # noqa: BLE001 - available() never raises
-            return False, f"onnxruntime does not import: {e}"
+            return None, [], f"onnxruntime does not import: {e}"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        ort, have, why = cls._probe("onnxruntime is not installed (pip install 'edgecnn[device]')")
+        if ort is None:
+            return False, why
         missing = [p for p in cls.providers if p not in have]
         if missing:
             return False, f"{missing[0]} is not in this onnxruntime build (has {', '.join(have)})"
@@ -188,16 +195,9 @@ class _OrtGpu(_OrtRuntime):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         want = cls.providers[0]
-        if not has_module("onnxruntime"):
-            return False, "onnxruntime-gpu is not installed (pip install 'edgecnn[gpu]')"
-        conflict = _deps.ort_conflict()
-        if conflict:
-            return False, conflict
-        try:
-            ort = _import_ort()
-            have = ort.get_available_providers()
-        except Exception as e:  # noqa: BLE001 - available() never raises
-            return False, f"onnxruntime does not import: {e}"
+        ort, have, why = cls._probe("onnxruntime-gpu is not installed (pip install 'edgecnn[gpu]')")
+        if ort is None:
+            return False, why
         if want not in have:
             dists = _deps.ort_distributions()
             if "onnxruntime-gpu" not in dists:
