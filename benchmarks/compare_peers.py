@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,35 +42,91 @@ def time_fn(fn, inputs: list, min_time: float, warmup: int = 5) -> dict:
             "throughput": float(b * len(t) / (t.sum() / 1e3)), "iterations": len(t)}
 
 
-class Suite:
-    """Every configuration is loaded once, then timed in interleaved rounds; the median round is reported."""
+def build(spec: dict):
+    """The callable one configuration runs, built inside the child process that times it."""
+    kind = spec["kind"]
+    if kind in ("eager", "compile"):
+        import torch
 
-    def __init__(self, inputs1, inputs64, min_time):
-        self.inputs1, self.inputs64, self.min_time = inputs1, inputs64, min_time
+        from edgecnn.checkpoint import load_checkpoint
+
+        net = load_checkpoint(spec["checkpoint"]).build_model()
+        if kind == "compile":
+            net = torch.compile(net, dynamic=False)  # static shapes: its best kernels for each batch size
+
+        def f(x):
+            with torch.inference_mode():
+                return net(torch.from_numpy(x)).numpy()
+        return f, None
+    if kind == "naive_ort":
+        import onnxruntime as ort
+
+        s = ort.InferenceSession(spec["model"])  # defaults, as a user would write it
+        name = s.get_inputs()[0].name
+        return (lambda x: s.run(None, {name: x})[0]), None
+    if kind == "ov_default":
+        import openvino as ov
+
+        c = ov.Core().compile_model(spec["model"], "CPU")  # no config at all
+        r = c.create_infer_request()
+        return (lambda x: r.infer({0: x})[0]), str(c.get_property("INFERENCE_PRECISION_HINT"))
+    from edgecnn.runtimes import load_runtime
+
+    rt = load_runtime(spec["runtime"], spec["model"], **spec.get("options", {}))
+    return rt.run, getattr(rt, "actual_precision", rt.precision)
+
+
+def child(spec: dict, min_time: float) -> dict:
+    """Load one configuration (its load time includes torch.compile's compilation), time it, report."""
+    from edgecnn.bench import make_inputs
+
+    x1, x64 = make_inputs(1, spec["mean"], spec["std"]), make_inputs(64, spec["mean"], spec["std"])
+    t0 = time.perf_counter()
+    fn, precision = build(spec)
+    if spec["kind"] == "compile":
+        fn(x1[0])
+        fn(x64[0])
+    load = time.perf_counter() - t0
+    return {"load_s": load, "b1": time_fn(fn, x1, min_time), "b64": time_fn(fn, x64, min_time),
+            "precision": precision}
+
+
+class Suite:
+    """Each configuration runs alone in a fresh process (no other runtime's threads on the cores), in
+    interleaved rounds; the median round is reported."""
+
+    def __init__(self, mean, std, min_time):
+        self.mean, self.std, self.min_time = list(mean), list(std), min_time
         self.entries: list[dict] = []
 
-    def add(self, name: str, make, note: str = "") -> None:
-        print(f"  loading {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        fn = make()
-        self.entries.append({"name": name, "fn": fn, "load_s": time.perf_counter() - t0, "note": note,
-                             "b1": [], "b64": []})
+    def add(self, name: str, spec: dict, note: str = "") -> None:
+        self.entries.append({"name": name, "spec": {**spec, "mean": self.mean, "std": self.std}, "note": note,
+                             "runs": []})
 
     def run(self, rounds: int) -> list[dict]:
         for k in range(rounds):
             for e in self.entries:
-                e["b1"].append(time_fn(e["fn"], self.inputs1, self.min_time))
-                e["b64"].append(time_fn(e["fn"], self.inputs64, self.min_time))
-                print(f"  round {k + 1}/{rounds} {e['name']}: b1 p50 {e['b1'][-1]['p50_ms']:.3f} ms, "
-                      f"b64 {e['b64'][-1]['throughput']:,.0f} img/s", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(e["spec"]),
+                                       "--min-time", str(self.min_time)], capture_output=True, text=True,
+                                      timeout=900)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{e['name']} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                e["runs"].append(r)
+                print(f"  round {k + 1}/{rounds} {e['name']}: b1 p50 {r['b1']['p50_ms']:.3f} ms, "
+                      f"b64 {r['b64']['throughput']:,.0f} img/s", file=sys.stderr, flush=True)
         out = []
         for e in self.entries:
-            b1 = sorted(e["b1"], key=lambda r: r["p50_ms"])[len(e["b1"]) // 2]
-            b64 = sorted(e["b64"], key=lambda r: r["throughput"])[len(e["b64"]) // 2]
-            out.append({"name": e["name"], "load_s": e["load_s"], "b1_p50_ms": b1["p50_ms"], "b1_p99_ms": b1["p99_ms"],
-                        "b64_throughput": b64["throughput"], "note": e["note"],
-                        "rounds_b1_p50_ms": [r["p50_ms"] for r in e["b1"]],
-                        "rounds_b64_throughput": [r["throughput"] for r in e["b64"]]})
+            runs = e["runs"]
+            b1 = sorted((r["b1"] for r in runs), key=lambda r: r["p50_ms"])[len(runs) // 2]
+            b64 = sorted((r["b64"] for r in runs), key=lambda r: r["throughput"])[len(runs) // 2]
+            note = e["note"]
+            if e["spec"]["kind"] == "ov_default":
+                note = f"runs {runs[0]['precision']} (OpenVINO's default on this CPU), not fp32"
+            out.append({"name": e["name"], "load_s": float(np.median([r["load_s"] for r in runs])),
+                        "b1_p50_ms": b1["p50_ms"], "b1_p99_ms": b1["p99_ms"], "b64_throughput": b64["throughput"],
+                        "note": note, "rounds_b1_p50_ms": [r["b1"]["p50_ms"] for r in runs],
+                        "rounds_b64_throughput": [r["b64"]["throughput"] for r in runs]})
         return out
 
 
@@ -116,13 +173,13 @@ def main() -> None:  # noqa: C901 - one linear script
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child), a.min_time)))
+        return
 
-    import onnxruntime as ort
-    import openvino as ov
-    import torch
     from edgecnn.exporters.onnx import export
-    from edgecnn.runtimes import load_runtime
 
     from edgecnn.bench import make_inputs
     from edgecnn.checkpoint import load_checkpoint
@@ -140,11 +197,9 @@ def main() -> None:  # noqa: C901 - one linear script
         train_to_file(synthetic_dataset(600, 0), TrainConfig(epochs=4, progress=False), ckpt_path,
                       log=lambda s: print(s, file=sys.stderr))
     ck = load_checkpoint(ckpt_path)
-    net = ck.build_model()
     ours = export(ckpt_path, work / "model.onnx", dynamic_batch=True).path
     naive = work / "naive.onnx"
     naive_export(ck.build_model(), naive)
-    inputs1 = make_inputs(1, ck.mean, ck.std)
     inputs64 = make_inputs(64, ck.mean, ck.std)
     threads = os.cpu_count() or 1
     machine = describe()
@@ -153,50 +208,15 @@ def main() -> None:  # noqa: C901 - one linear script
     floor = peak * 1e9 / flops
     print(f"{machine}\npeak {peak:.1f} GFLOP/s -> floor {floor:,.0f} img/s", file=sys.stderr)
 
-    suite = Suite(inputs1, inputs64, a.min_time)
-
-    def eager():
-        def f(x):
-            with torch.inference_mode():
-                return net(torch.from_numpy(x)).numpy()
-        return f
-
-    suite.add("PyTorch eager (inference_mode)", eager)
+    suite = Suite(ck.mean, ck.std, a.min_time)
+    suite.add("PyTorch eager (inference_mode)", {"kind": "eager", "checkpoint": str(ckpt_path)})
     if not a.no_compile:
-        def compiled():
-            c = torch.compile(net, dynamic=False)  # static shapes: its best kernels for each batch size
-
-            def f(x):
-                with torch.inference_mode():
-                    return c(torch.from_numpy(x)).numpy()
-            for x in (inputs1[0], inputs64[0]):
-                f(x)  # compile for both shapes before timing
-            return f
-        suite.add("torch.compile (inductor)", compiled, "compile time (both shapes) is the load time")
-
-    def naive_ort():
-        s = ort.InferenceSession(str(naive))
-        n = s.get_inputs()[0].name
-        return lambda x: s.run(None, {n: x})[0]
-
-    suite.add("naive ORT (torch.onnx.export + default InferenceSession)", naive_ort)
-
-    def ov_default():
-        c = ov.Core().compile_model(str(naive), "CPU")
-        prec = str(c.get_property("INFERENCE_PRECISION_HINT"))
-        res_note["ov"] = prec
-        r = c.create_infer_request()
-        return lambda x: r.infer({0: x})[0]
-
-    res_note: dict[str, str] = {}
-    suite.add("OpenVINO default settings", ov_default)
-    suite.entries[-1]["note"] = f"runs {res_note.get('ov', '?')} (OpenVINO's default on this CPU), not fp32"
-
-    def ours_default():
-        rt = load_runtime("ort-cpu", ours)
-        return rt.run
-
-    suite.add("edgecnn default (ort-cpu, fp32)", ours_default, "exact fp32 parity; exact graph passes")
+        suite.add("torch.compile (inductor)", {"kind": "compile", "checkpoint": str(ckpt_path)},
+                  "compile time (both shapes) is the load time")
+    suite.add("naive ORT (torch.onnx.export + default InferenceSession)", {"kind": "naive_ort", "model": str(naive)})
+    suite.add("OpenVINO default settings", {"kind": "ov_default", "model": str(naive)})
+    suite.add("edgecnn default (ort-cpu, fp32)", {"kind": "runtime", "runtime": "ort-cpu", "model": str(ours)},
+              "exact fp32 parity; exact graph passes")
 
     print("tuning (edgecnn tune)...", file=sys.stderr)
     cfg, cands = tune(ours, work / "tuned", min_time=a.min_time, log=lambda s: print(s, file=sys.stderr))
@@ -205,10 +225,9 @@ def main() -> None:  # noqa: C901 - one linear script
     passing = [c for c in cands if c.gate == "pass"]
     best = max(passing, key=lambda c: c.throughput)
     for label, c in (("edgecnn fastest exact fp32", best32), ("edgecnn fastest passing the accuracy gate", best)):
-        def mk(c=c):
-            rt = load_runtime(c.runtime, c.model, precision=c.run_precision, threads=c.threads, **c.options)
-            return rt.run
-        suite.add(f"{label}: {c.label()}", mk,
+        suite.add(f"{label}: {c.label()}",
+                  {"kind": "runtime", "runtime": c.runtime, "model": str(c.model),
+                   "options": {"precision": c.run_precision, "threads": c.threads, **c.options}},
                   f"accuracy {c.accuracy * 100:.2f}%, drop {c.drop_points:+.2f} pts, top-1 agreement {c.agreement * 100:.1f}%")
     res = suite.run(a.rounds)
     prof = ort_profile(ours, inputs64[0])
