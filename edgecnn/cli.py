@@ -12,7 +12,17 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EdgeCNNError, InvalidInputError, RuntimeUnavailableError
+from .errors import (
+    EXIT_INTERNAL,
+    EdgeCNNError,
+    InvalidInputError,
+    MissingDependencyError,
+    RuntimeUnavailableError,
+)
+
+# optional package -> the pip extra that installs it
+_EXTRA_FOR = {"torch": "cpu", "onnx": "cpu", "tqdm": "cpu", "onnxruntime": "device", "openvino": "openvino",
+              "nncf": "quantize", "matplotlib": "plot"}
 
 
 class _Group(click.Group):
@@ -29,6 +39,15 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("edgecnn: interrupted", err=True)
             ctx.exit(130)
+        except ModuleNotFoundError as e:
+            # An optional dependency this command needs is missing (e.g. `export` on the torch-free
+            # device install): name the extra that brings it, exit 3 like any unavailable runtime.
+            top = (e.name or "").split(".")[0]
+            if top not in _EXTRA_FOR:
+                raise
+            err = MissingDependencyError(top, _EXTRA_FOR[top], f"`{ctx.invoked_subcommand}`")
+            click.echo(f"edgecnn: error: {err}", err=True)
+            ctx.exit(err.exit_code)
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if os.environ.get("EDGECNN_DEBUG"):
                 raise

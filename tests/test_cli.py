@@ -125,3 +125,13 @@ def test_runtimes_command_lists_backends():
     assert r.returncode == 0
     assert "ort-cpu" in r.stdout and "torch" in r.stdout
     assert "yes" in r.stdout
+
+
+def test_command_needing_a_missing_extra_names_it(trained, tmp_path):
+    """On the torch-free device install, `export` says which extra to install (exit 3), no traceback."""
+    code = ("import sys; sys.modules['torch'] = None; from edgecnn.cli import main; "
+            f"sys.argv = ['edgecnn', 'export', {str(trained.pt)!r}, '-o', {str(tmp_path / 'm.onnx')!r}]; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert_one_line_error(r, 3)
+    assert "torch is not installed" in r.stderr and "edgecnn[cpu]" in r.stderr
+    assert not (tmp_path / "m.onnx").exists()
