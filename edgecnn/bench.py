@@ -113,7 +113,7 @@ def model_for_runtime(runtime: str, model: Path) -> Path:
     if runtime == "torch" and model.suffix.lower() == ".onnx":
         sib = model.with_suffix(".pt")
         if sib.is_file():
-            from .checkpoint import sha256_file
+            from ._io import sha256_file
 
             meta_sha = _onnx_meta(model).get("source_sha256")
             if meta_sha is None or meta_sha == sha256_file(sib):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -14,17 +13,9 @@ import torch
 from edgecnn.runtimes.preprocess import DEFAULT_MEAN, DEFAULT_STD
 
 from . import __version__
-from ._io import atomic_path
+from ._io import atomic_path, sha256_file  # noqa: F401 - sha256_file re-exported
 from .errors import InvalidModelError
 from .model import INPUT_SIZE, Net, check_state_dict
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

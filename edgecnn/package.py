@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import sha256_file
+from ._io import sha256_file
 from .errors import IntegrityError, InvalidInputError, InvalidModelError, ParityError
 
 FORMAT = "edgecnn-bundle/1"

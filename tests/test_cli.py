@@ -135,3 +135,17 @@ def test_command_needing_a_missing_extra_names_it(trained, tmp_path):
     assert_one_line_error(r, 3)
     assert "torch is not installed" in r.stderr and "edgecnn[cpu]" in r.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_device_side_commands_need_neither_torch_nor_onnx(trained, tmp_path):
+    """predict, bench and package --check run on the torch-free device install."""
+    bundle = tmp_path / "bundle"
+    assert cli("package", trained.onnx, "-o", bundle).returncode == 0
+    img = tmp_path / "a.png"
+    Image.fromarray(synthetic_dataset(1, seed=5).images[0]).save(img)
+    blocked = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; from edgecnn.cli import main; "
+    for args in (["package", "--check", str(bundle)], ["predict", str(trained.onnx), str(img)],
+                 ["bench", str(trained.onnx), "--batch", "1", "--min-time", "0.1", "--no-roofline"]):
+        code = blocked + f"sys.argv = ['edgecnn', *{args!r}]; main()"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (args, r.stderr[-500:])
