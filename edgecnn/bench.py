@@ -129,9 +129,12 @@ def _onnx_meta(path: Path) -> dict:
 
 
 def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[int], *, precision: str = "fp32",
-          threads: int | None = None, min_time: float = 1.0, warmup: int = 5, progress=None) -> list[BenchRow]:
+          threads: int | None = None, min_time: float = 1.0, warmup: int = 5, progress=None,
+          options: dict | None = None) -> list[BenchRow]:
+    """Time each runtime in this process; ``options`` go to every runtime (e.g. device, hint)."""
     from edgecnn.runtimes import load_runtime
 
+    options = options or {}
     if not batches or min(batches) < 1:
         raise InvalidInputError("batch sizes must be >= 1")
     rows: list[BenchRow] = []
@@ -151,7 +154,7 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
             else:
                 path = model_for_runtime(name, model)
             t0 = time.perf_counter()
-            rt = load_runtime(name, path, precision=precision, threads=threads)
+            rt = load_runtime(name, path, precision=precision, threads=threads, **options)
             load_s = time.perf_counter() - t0
             relaxed = None
             try:
@@ -160,7 +163,7 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
                     if rt.input_shape[0] is not None and rt.input_shape[0] != b:
                         if relaxed is None:
                             relaxed = load_runtime(name, relax_batch(path, tmp / f"relaxed_{path.name}"),
-                                                   precision=precision, threads=threads)
+                                                   precision=precision, threads=threads, **options)
                         target, note = relaxed, "batch axis made symbolic for this run"
                     row = time_runtime(target, b, warmup=warmup, min_time=min_time, load_s=load_s)
                     row.note = note
@@ -185,12 +188,15 @@ def _worker(job: dict) -> list[dict]:
     label = job["precision"]
     run_precision = "fp32" if label == "int8" else label  # an int8 file runs with the runtime's fp32 setting
     rows = bench(model, [job["runtime"]], job["batches"], precision=run_precision, threads=job["threads"],
-                 min_time=job["min_time"], warmup=job["warmup"])
+                 min_time=job["min_time"], warmup=job["warmup"], options=job.get("options"))
     peak_mb = _peak_rss_mb()
     out = []
     for r in rows:
         d = r.as_dict()
-        d.update(peak_rss_mb=peak_mb, file_bytes=file_size(model), model=str(model))
+        d.update(peak_rss_mb=peak_mb, file_bytes=file_size(model), model=str(model), options=job.get("options") or {})
+        if d["options"]:
+            opts = ",".join(f"{k}={v}" for k, v in sorted(d["options"].items()))
+            d["note"] = f"{d['note']}; {opts}" if d["note"] else opts
         out.append(d)
     return out
 

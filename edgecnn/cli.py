@@ -77,6 +77,25 @@ def _csv(ctx, param, value):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _options(ctx, param, value) -> dict:
+    """-O KEY=VALUE (repeatable) -> runtime options; true/false and integers are converted."""
+    out: dict = {}
+    for item in value or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        low = raw.strip().lower()
+        val: object = True if low == "true" else False if low == "false" else raw.strip()
+        if isinstance(val, str) and val.lstrip("-").isdigit():
+            val = int(val)
+        out[key.strip()] = val
+    return out
+
+
+_OPTION_HELP = ("Runtime option KEY=VALUE, repeatable (openvino: device=GPU, hint=throughput; ort-cpu: spinning=false; "
+                "ort-cuda: io_binding=true, cuda_graph=true, device_id=1; ort-trt: cache_dir=DIR).")
+
+
 def _write_json(path: str, obj) -> None:
     from ._io import write_text_atomic
 
@@ -200,7 +219,8 @@ def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, o
 @click.option("--data", type=click.Path(), default=None, help="Image folder for data-set inputs (default: built-in set).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON.")
 @click.option("--isolate", is_flag=True, help="Run the check in a child process (untrusted models: a crash becomes an error).")
-def verify(model, against, runtimes, precision, rtol, atol, data, json_out, isolate):
+@click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
+def verify(model, against, runtimes, precision, rtol, atol, data, json_out, isolate, options):
     """Compare MODEL's logits on each runtime with PyTorch's; exit 1 on any failure."""
     from .report import verify_table
 
@@ -212,9 +232,11 @@ def verify(model, against, runtimes, precision, rtol, atol, data, json_out, isol
                           ("--json", json_out)):
             if val is not None:
                 args += [flag, str(val)]
+        for k, v in options.items():
+            args += ["-O", f"{k}={v}"]
         sys.exit(isolated_cli(args, f"verifying {model}"))
 
-    rows = _verify(model, against, runtimes, precision, rtol, atol, data)
+    rows = _verify(model, against, runtimes, precision, rtol, atol, data, options)
     click.echo(verify_table(rows))
     if json_out:
         _write_json(json_out, [r.as_dict() for r in rows])
@@ -227,7 +249,7 @@ def verify(model, against, runtimes, precision, rtol, atol, data, json_out, isol
         sys.exit(3)
 
 
-def _verify(model, against, runtimes, precision, rtol, atol, data):
+def _verify(model, against, runtimes, precision, rtol, atol, data, options=None):
     from edgecnn.runtimes import get_runtime_class
 
     from .checkpoint import load_checkpoint
@@ -244,6 +266,12 @@ def _verify(model, against, runtimes, precision, rtol, atol, data):
     if precision is not None:
         tolerance_for(precision, rtol, atol)
     cells = matrix_cells(model_path, Path(against), names, precision)
+    if options:
+        if every:
+            raise InvalidInputError("-O/--option applies to the runtimes you name; not with --runtime all")
+        import dataclasses
+
+        cells = [dataclasses.replace(c, options=tuple(options.items())) for c in cells]
     # int8's verdict is task-level (top-1 agreement >= 97%): judge it on 300 data-set images, not 48.
     n_data = 300 if any(c.precision == "int8" for c in cells) else 48
     from edgecnn.exporters.embed import embedded_flags, verify_cells_embedded
@@ -271,7 +299,9 @@ def _verify(model, against, runtimes, precision, rtol, atol, data):
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write every number as JSON.")
 @click.option("--csv", "csv_out", type=click.Path(), default=None, help="Write the rows as CSV.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Draw throughput and latency (PNG).")
-def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofline, json_out, csv_out, plot_out):
+@click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
+def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofline, json_out, csv_out, plot_out,
+          options):
     """Latency percentiles and throughput, swept over runtime x precision x threads x batch.
 
     MODEL: an .onnx (or a deploy.json from `edgecnn tune`); without it, a freshly exported default Net.
@@ -302,7 +332,8 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
     cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
     bar = _bar(cells)
     res = sw.sweep(model, runtimes, precisions, batches, threads, min_time=min_time, warmup=warmup,
-                   roofline=roofline, log=lambda s: click.echo(s, err=True), progress=lambda r: bar.update(1))
+                   roofline=roofline, log=lambda s: click.echo(s, err=True), progress=lambda r: bar.update(1),
+                   options=options)
     bar.close()
     click.echo(sw.table(res))
     if json_out:
@@ -422,7 +453,8 @@ def tune(model, output, max_drop, calib, runtimes, threads, batch, objective, in
 @click.option("--top-k", type=int, default=1, show_default=True)
 @click.option("--runtime", default="ort-cpu", show_default=True)
 @click.option("--isolate", is_flag=True, help="Run in a child process (untrusted models: a crash becomes an error).")
-def predict(model, images, top_k, runtime, isolate):
+@click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
+def predict(model, images, top_k, runtime, isolate, options):
     """Print the top-k labels and probabilities for each image."""
     from edgecnn.runtimes import Classifier
 
@@ -432,8 +464,10 @@ def predict(model, images, top_k, runtime, isolate):
         from .isolate import isolated_cli
 
         args = ["predict", str(model), *map(str, images), "--top-k", str(top_k), "--runtime", runtime]
+        for k, v in options.items():
+            args += ["-O", f"{k}={v}"]
         sys.exit(isolated_cli(args, f"running {model}"))
-    with Classifier(model, runtime=runtime) as clf:
+    with Classifier(model, runtime=runtime, **options) as clf:
         for img, preds in zip(images, clf.classify(list(images), top_k=top_k), strict=True):
             click.echo(f"{img}: " + ", ".join(f"{label} {p:.4f}" for label, p in preds))
 

@@ -88,10 +88,11 @@ def plan(model: Path, runtimes: list[str], precisions: list[str], threads: list[
     return out
 
 
-def run_config(cfg: Config, batches: list[int], min_time: float, warmup: int, timeout: float = 900) -> list[dict]:
+def run_config(cfg: Config, batches: list[int], min_time: float, warmup: int, timeout: float = 900,
+               options: dict | None = None) -> list[dict]:
     """Time one configuration in a child process; returns its rows (with peak RSS and file size)."""
     job = {"model": str(cfg.model), "runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
-           "batches": batches, "min_time": min_time, "warmup": warmup}
+           "batches": batches, "min_time": min_time, "warmup": warmup, "options": options or {}}
     proc = subprocess.run([sys.executable, "-m", "edgecnn.bench", json.dumps(job)], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
@@ -102,7 +103,7 @@ def run_config(cfg: Config, batches: list[int], min_time: float, warmup: int, ti
 
 def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list[str], batches: list[int],
           threads: list[int | None], *, min_time: float = 1.0, warmup: int = 5, roofline: bool = True,
-          log=None, progress=None) -> SweepResult:
+          log=None, progress=None, options: dict | None = None) -> SweepResult:
     from .bench import default_model
     from .machine import describe, measure_peak, net_flops
 
@@ -133,7 +134,7 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
                 res.skipped.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
                                     "reason": cfg.skipped})
                 continue
-            rows = run_config(cfg, batches, min_time, warmup)
+            rows = run_config(cfg, batches, min_time, warmup, options=options)
             for r in rows:
                 r["threads"] = cfg.threads
                 peak = res.peaks.get(cfg.threads or os.cpu_count() or 1)

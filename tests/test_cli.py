@@ -149,3 +149,21 @@ def test_device_side_commands_need_neither_torch_nor_onnx(trained, tmp_path):
         code = blocked + f"sys.argv = ['edgecnn', *{args!r}]; main()"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (args, r.stderr[-500:])
+
+
+def test_runtime_options_from_the_command_line(trained, tmp_path):
+    img = tmp_path / "a.png"
+    Image.fromarray(synthetic_dataset(1, seed=6).images[0]).save(img)
+    plain = cli("predict", trained.onnx, img, "--runtime", "openvino")
+    hinted = cli("predict", trained.onnx, img, "--runtime", "openvino", "-O", "hint=throughput", "-O", "threads=1")
+    assert plain.returncode == hinted.returncode == 0 and plain.stdout == hinted.stdout
+    # a device OpenVINO does not see is refused, never run on the CPU instead
+    assert_one_line_error(cli("predict", trained.onnx, img, "--runtime", "openvino", "-O", "device=GPU"), 3)
+    assert_one_line_error(cli("predict", trained.onnx, img, "-O", "bogus=1"), 2)
+    r = cli("predict", trained.onnx, img, "-O", "novalue")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
+    r = cli("bench", trained.onnx, "--runtime", "openvino", "--batch", "1", "--min-time", "0.1", "--no-roofline",
+            "-O", "hint=throughput", "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+    assert row["options"] == {"hint": "throughput"} and "hint=throughput" in row["note"]
