@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ def soak(runtime: str = "ort-cpu", iterations: int = 100_000, samples: int = 50)
 
     from edgecnn.bench import default_model
     from edgecnn.data import synthetic_dataset
+    from edgecnn.machine import describe
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as td:
@@ -52,7 +52,7 @@ def soak(runtime: str = "ort-cpu", iterations: int = 100_000, samples: int = 50)
         "rss_max_after_warmup_mb": max(post) / 2**20,
         "growth_after_warmup_mb": (rss[-1][1] - after_warmup) / 2**20,
         "samples": [(i, r / 2**20) for i, r in rss],
-        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cpus, Python {sys.version.split()[0]}",
+        "machine": f"{describe()}, Python {sys.version.split()[0]}",
     }
 
 
