@@ -97,6 +97,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InvalidModelError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{path}: empty file")
+    if path.suffix.lower() in (".onnx", ".xml", ".bin"):
+        raise InvalidModelError(f"{path}: this is an exported model, not a PyTorch checkpoint (.pt)")
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise InvalidModelError(f"{path}: expected a dict (checkpoint or state_dict), got {type(obj).__name__}")

@@ -329,6 +329,8 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
         from edgecnn.exporters.quantize import model_precision
 
         precisions = [model_precision(path) if model_precision(path) != "fp32" else opts.get("precision", "fp32")]
+    if model is not None and not Path(model).is_file():
+        raise InvalidInputError(f"{model}: no such model file")
     cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
     bar = _bar(cells)
     res = sw.sweep(model, runtimes, precisions, batches, threads, min_time=min_time, warmup=warmup,

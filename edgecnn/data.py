@@ -108,7 +108,8 @@ def image_folder(root: str | os.PathLike, size: int = INPUT_SIZE) -> Dataset:
     """root/<class>/<image>: every readable image, resized to size x size RGB; classes sorted by name."""
     root = Path(root)
     if not root.is_dir():
-        raise InvalidInputError(f"{root}: data folder does not exist")
+        what = "is a file, not a folder root/<class>/<image>" if root.exists() else "data folder does not exist"
+        raise InvalidInputError(f"{root}: {what}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise InvalidInputError(f"{root}: expected at least 2 class folders (root/<class>/<image>), found {len(classes)}")
