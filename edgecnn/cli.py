@@ -155,6 +155,11 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
     out = Path(output)
     if out.suffix.lower() not in (".pt", ".pth"):
         raise InvalidInputError(f"{out}: the checkpoint file must end in .pt")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--per-class", per_class)):
+        if value < 1:
+            raise InvalidInputError(f"{name} must be >= 1, got {value}")
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidInputError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     ds = load_dataset(data, per_class=per_class, seed=seed)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})", err=True)
@@ -538,6 +543,8 @@ def demo(output, epochs, per_class, seed, progress):
 
     t0 = time.perf_counter()
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out}: exists and is not a folder; give a folder for the demo's artefacts")
     out.mkdir(parents=True, exist_ok=True)
     click.echo(f"[1/4] training on the built-in synthetic set -> {out / 'model.pt'}", err=True)
     res = _train(None, epochs, 32, 1e-3, seed, per_class, 0.2, None, out / "model.pt", progress)
