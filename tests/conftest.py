@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,5 +46,28 @@ def run_cli():
 
     def _run(*args: str):
         return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return _run
+
+
+@pytest.fixture()
+def run_threads():
+    """run_threads(n, work): call work(i) for i in range(n), all at once in n threads; returns their exceptions."""
+
+    def _run(n: int, work) -> list[BaseException]:
+        errors: list[BaseException] = []
+
+        def wrap(i: int) -> None:
+            try:
+                work(i)
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                errors.append(e)
+
+        threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
 
     return _run

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import onnx
@@ -247,25 +246,17 @@ def test_kill_mid_write_leaves_the_target_intact(trained, tmp_path, which):
 
 
 # ------------------------------------------------------------------------------ threads
-def test_one_classifier_shared_by_8_threads_matches_serial(trained):
+def test_one_classifier_shared_by_8_threads_matches_serial(trained, run_threads):
     ds = synthetic_dataset(8, seed=4)
     batches = [ds.images[i : i + 6] for i in range(0, len(ds.images), 6)]
     with Classifier(trained.onnx) as clf:
         serial = [clf.probabilities(list(b)) for b in batches]
         results: dict[int, list] = {}
-        errors: list[BaseException] = []
 
         def work(tid):
-            try:
-                results[tid] = [clf.probabilities(list(b)) for b in batches for _ in range(3)][::3]
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
+            results[tid] = [clf.probabilities(list(b)) for b in batches for _ in range(3)][::3]
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_threads(8, work)
     assert not errors
     for tid in range(8):
         for got, want in zip(results[tid], serial, strict=True):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from edgecnn.runtimes import Classifier, get_runtime_class, load_runtime
@@ -95,26 +93,18 @@ def test_ir_xml_bin_keeps_metadata_and_results(trained, tmp_path, ref):
         np.testing.assert_array_equal(ir.run(x), onnx.run(x))
 
 
-def test_eight_threads_give_the_serial_results(trained):
+def test_eight_threads_give_the_serial_results(trained, run_threads):
     rng = np.random.default_rng(3)
     inputs = [rng.standard_normal((5, 3, 64, 64)).astype(np.float32) for _ in range(8)]
     with load_runtime("openvino", trained.onnx_dynamic) as rt:
         serial = [rt.run(x) for x in inputs]
         got: list = [None] * 8
-        errors: list = []
 
         def work(i: int) -> None:
-            try:
-                for _ in range(5):
-                    got[i] = rt.run(inputs[i])
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+            for _ in range(5):
+                got[i] = rt.run(inputs[i])
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_threads(8, work)
     assert not errors
     for a, b in zip(serial, got, strict=True):
         np.testing.assert_array_equal(a, b)
