@@ -113,19 +113,15 @@ def model_for_runtime(runtime: str, model: Path) -> Path:
     if runtime == "torch" and model.suffix.lower() == ".onnx":
         sib = model.with_suffix(".pt")
         if sib.is_file():
+            from edgecnn.exporters.meta import onnx_metadata
+
             from ._io import sha256_file
 
-            meta_sha = _onnx_meta(model).get("source_sha256")
+            meta_sha = onnx_metadata(model).get("source_sha256")
             if meta_sha is None or meta_sha == sha256_file(sib):
                 return sib
         raise InvalidInputError(f"runtime torch needs the .pt checkpoint {model} was exported from; pass it instead")
     raise InvalidInputError(f"runtime {runtime} reads {'/'.join(suffixes)} files, not {model.name}")
-
-
-def _onnx_meta(path: Path) -> dict:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[int], *, precision: str = "fp32",
@@ -156,6 +152,7 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
             t0 = time.perf_counter()
             rt = load_runtime(name, path, precision=precision, threads=threads, **options)
             load_s = time.perf_counter() - t0
+            file_precision = rt.metadata().get("precision")  # int8 / fp16 files from `quantize`
             relaxed = None
             try:
                 for b in batches:
@@ -167,7 +164,6 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
                         target, note = relaxed, "batch axis made symbolic for this run"
                     row = time_runtime(target, b, warmup=warmup, min_time=min_time, load_s=load_s)
                     row.note = note
-                    file_precision = rt.metadata().get("precision")  # int8 / fp16 files from `quantize`
                     if file_precision and file_precision != "fp32":
                         row.precision = file_precision
                     rows.append(row)

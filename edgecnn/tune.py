@@ -102,9 +102,9 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
     threads = threads or sorted({1, os.cpu_count() or 1})
     out_dir = Path(out_dir) if out_dir else model.with_name(model.stem + ".tuned")
     out_dir.mkdir(parents=True, exist_ok=True)
-    import onnx
+    from edgecnn.exporters.meta import onnx_metadata
 
-    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    meta = onnx_metadata(model)
     if meta.get("precision", "fp32") != "fp32":
         raise InvalidInputError(f"{model}: is {meta['precision']}; tune starts from the fp32 model")
     names, _, _ = model_classes_and_norm(meta)

@@ -111,9 +111,9 @@ def embedded_flags(path) -> tuple[bool, bool] | None:
     if Path(path).suffix.lower() != ".onnx":
         return None
     try:
-        import onnx
+        from .meta import onnx_metadata
 
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = onnx_metadata(path)
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the runtime that opens it
         return None
     if meta.get("embedded_preprocessing") != "1":

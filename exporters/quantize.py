@@ -225,14 +225,20 @@ def _thin_input_convs(model) -> list[str]:
     return names
 
 
-def _ort_fp16(src: Path, dst: Path, calib, method, meta: dict[str, str]) -> None:
-    onnx = _onnx()
+def fp16_model(model):
+    """An fp32 ModelProto -> fp16 weights and compute, float32 input/output kept (ONNX Runtime's converter),
+    nodes in topological order. Shared by `quantize --precision fp16` and ort-cuda's on-load fp16."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with _quiet():
-        m16 = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        m16 = convert_float_to_float16(model, keep_io_types=True)
     _toposort(m16.graph)  # the converter appends its input Casts at the end
-    onnx.save(m16, str(dst))
+    return m16
+
+
+def _ort_fp16(src: Path, dst: Path, calib, method, meta: dict[str, str]) -> None:
+    onnx = _onnx()
+    onnx.save(fp16_model(onnx.load(str(src))), str(dst))
     _finish_onnx(dst, _stamp(meta, "fp16", "float16 weights and compute, float32 input/output"))
 
 
@@ -330,10 +336,9 @@ def model_precision(path: str | os.PathLike) -> str:
     p = Path(path)
     try:
         if p.suffix.lower() == ".onnx":
-            import onnx
+            from .meta import onnx_metadata
 
-            meta = {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
-            return meta.get("precision", "fp32")
+            return onnx_metadata(p).get("precision", "fp32")
         if p.suffix.lower() == ".xml":
             import xml.etree.ElementTree as ET
 
@@ -344,4 +349,4 @@ def model_precision(path: str | os.PathLike) -> str:
     return "fp32"
 
 
-__all__ = ["QuantizeResult", "default_output", "model_precision", "quantize"]
+__all__ = ["QuantizeResult", "default_output", "fp16_model", "model_precision", "quantize"]

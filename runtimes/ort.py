@@ -257,7 +257,7 @@ class _OrtGpu(_OrtRuntime):
         out_shape = self.session.get_outputs()[0].shape
         if shape[0] is None or not all(isinstance(d, int) and d > 0 for d in out_shape):
             raise InvalidInputError(f"{self.name}: CUDA graphs need a fixed-shape model; export without --dynamic-batch")
-        in_np = self.dummy_input(shape[0]) if hasattr(self, "dummy_input") else np.zeros(shape, np.float32)
+        in_np = self.dummy_input(shape[0])
         self._in_val = ort.OrtValue.ortvalue_from_numpy(in_np, "cuda", self.device_id)
         self._out_val = ort.OrtValue.ortvalue_from_shape_and_type(list(out_shape), np.float32, "cuda", self.device_id)
         b = self.session.io_binding()
@@ -303,7 +303,7 @@ class OrtCuda(_OrtGpu):
             return str(self.model_path)
         try:
             import onnx
-            from onnxruntime.transformers.float16 import convert_float_to_float16
+            from edgecnn.exporters.quantize import fp16_model
         except ImportError:
             raise MissingDependencyError("onnx", "gpu", "ort-cuda fp16 (it converts the fp32 model on load)") from None
         try:
@@ -311,7 +311,7 @@ class OrtCuda(_OrtGpu):
         except Exception as e:  # noqa: BLE001
             raise InvalidModelError(f"{self.model_path}: not a readable ONNX file: {e}") from None
         if any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
-            model = convert_float_to_float16(model, keep_io_types=True)
+            model = fp16_model(model)
         return model.SerializeToString()
 
 
