@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from ._io import sha256_file
-from .errors import IntegrityError, InvalidInputError, InvalidModelError, ParityError
+from .errors import IntegrityError, InvalidInputError, InvalidModelError, MissingDependencyError, ParityError
 
 FORMAT = "edgecnn-bundle/1"
 MANIFEST = "manifest.json"
@@ -80,10 +80,12 @@ def _precision(model, meta: dict[str, str]) -> str:
 
 def inspect_model(path: Path) -> ModelFile:
     """Read what the manifest records about one .onnx file, and make sure ONNX Runtime CPU can run it."""
-    from edgecnn.exporters.onnx import _import_onnx
     from edgecnn.runtimes import Classifier
 
-    onnx = _import_onnx()
+    try:
+        import onnx  # not edgecnn.exporters.onnx: that one imports torch, which packaging does not need
+    except ImportError:
+        raise MissingDependencyError("onnx", "cpu", "edgecnn package") from None
     if path.suffix.lower() != ".onnx" or not path.is_file():
         raise InvalidInputError(f"{path}: expected an existing .onnx file (the bundle runs ONNX Runtime)")
     try:
