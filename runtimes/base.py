@@ -109,6 +109,16 @@ class Runtime(ABC):
     def _run(self, x: np.ndarray) -> np.ndarray:
         """x already validated: float32, C-contiguous, batch matching the model."""
 
+    @classmethod
+    def versions(cls) -> dict[str, str | None]:
+        """Package versions this backend runs on (for `edgecnn runtimes`). Never raises."""
+        return {}
+
+    @classmethod
+    def devices_seen(cls) -> list[str]:
+        """The devices this backend can see here (for `edgecnn runtimes`). Never raises."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources."""
 

@@ -103,7 +103,11 @@ class OpenVino(Runtime):
 
     @classmethod
     def devices_seen(cls) -> list[str]:
-        return available_devices()
+        try:
+            core = _import_ov().Core()
+            return [f"{d} ({core.get_property(d, 'FULL_DEVICE_NAME')})" for d in core.available_devices]
+        except Exception:  # noqa: BLE001 - a probe, never raises
+            return []
 
     def _load(self) -> None:
         ov = _import_ov()

@@ -18,7 +18,7 @@ from edgecnn.errors import (
 )
 
 from . import _deps
-from ._deps import has_module, ort_conflict
+from ._deps import dist_version, has_module, ort_conflict, ort_distributions
 from .base import Runtime, register
 
 
@@ -60,6 +60,17 @@ class _OrtRuntime(Runtime):
         if missing:
             return False, f"{missing[0]} is not in this onnxruntime build (has {', '.join(have)})"
         return True, ""
+
+    @classmethod
+    def versions(cls) -> dict[str, str | None]:
+        return {d: dist_version(d) for d in (ort_distributions() or ["onnxruntime"])}
+
+    @classmethod
+    def devices_seen(cls) -> list[str]:
+        try:
+            return [p.replace("ExecutionProvider", "") for p in _import_ort().get_available_providers()]
+        except Exception:  # noqa: BLE001 - a probe, never raises
+            return []
 
     def session_options(self, ort):
         """Defaults measured on a 2-core AVX-512 EPYC, edgecnn-exported model (benchmarks/results/peers.md):

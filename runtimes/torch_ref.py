@@ -20,6 +20,16 @@ class TorchReference(Runtime):
             return False, "torch is not installed (pip install 'edgecnn[cpu]')"
         return True, ""
 
+    @classmethod
+    def versions(cls) -> dict[str, str | None]:
+        from ._deps import dist_version
+
+        return {"torch": dist_version("torch")}
+
+    @classmethod
+    def devices_seen(cls) -> list[str]:
+        return ["CPU"]
+
     def _load(self) -> None:
         import torch
 
