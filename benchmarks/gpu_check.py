@@ -82,41 +82,28 @@ def _model(args, work: Path) -> tuple[Path, Path, Path]:
 
 
 def _parity(pt: Path, dyn: Path, cuda: bool, work: Path) -> list:
-    import numpy as np
     import torch
 
     from edgecnn.checkpoint import load_checkpoint
-    from edgecnn.parity import (
-        TOLERANCES,
-        Cell,
-        VerifyRow,
-        compare,
-        parity_inputs,
-        reference_logits,
-        verify_cells,
-    )
+    from edgecnn.verify import TOLERANCES, VerifyRow, compare, judge, make_inputs, reference_logits
 
     ckpt = load_checkpoint(pt)
-    batches = parity_inputs(ckpt.mean, ckpt.std)
-    refs = reference_logits(ckpt, batches)
-    trt = (("cache_dir", str(work / "trt-cache")),
-           ("trt_options", {"trt_profile_min_shapes": "input:1x3x64x64",
-                            "trt_profile_opt_shapes": "input:256x3x64x64",
-                            "trt_profile_max_shapes": "input:1024x3x64x64"}))
-    cells = [Cell("ort-cpu", "fp32", str(dyn))]
-    cells += [Cell("ort-cuda", p, str(dyn)) for p in ("fp32", "fp16")]
-    cells += [Cell("ort-trt", p, str(dyn), options=trt) for p in ("fp32", "fp16")]
-    rows = verify_cells(cells, batches, refs)
+    inputs = make_inputs(ckpt.mean, ckpt.std, ckpt.class_names)  # the judge's default inputs, shared
+    trt = {"cache_dir": str(work / "trt-cache"),
+           "trt_options": {"trt_profile_min_shapes": "input:1x3x64x64",
+                           "trt_profile_opt_shapes": "input:256x3x64x64",
+                           "trt_profile_max_shapes": "input:1024x3x64x64"}}
+    rows = judge(dyn, ckpt, runtimes=["ort-cpu"], precision="fp32", inputs=inputs).rows
+    rows += judge(dyn, ckpt, runtimes=["ort-cuda"], inputs=inputs).rows
+    rows += judge(dyn, ckpt, runtimes=["ort-trt"], inputs=inputs, options=trt).rows
     if cuda:  # PyTorch eager on the card, fp32 with TF32 off, against PyTorch on the CPU
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+        refs = reference_logits(ckpt, inputs.batches)
         net = ckpt.build_model().cuda()
         with torch.inference_mode():
-            outs = {k: net(torch.from_numpy(v).cuda()).cpu().numpy() for k, v in batches.items()}
-        res = compare(refs["data"], outs["data"], TOLERANCES["fp32"])
-        full = compare(np.concatenate(list(refs.values())), np.concatenate(list(outs.values())), TOLERANCES["fp32"])
-        full.agreement, full.tied = res.agreement, res.tied
-        full.passed = full.passed and res.passed
+            outs = {k: net(torch.from_numpy(v).cuda()).cpu().numpy() for k, v in inputs.batches.items()}
+        full = compare(refs, outs, TOLERANCES["fp32"], inputs.labels, inputs.class_names)
         rows.append(VerifyRow("torch-cuda", "fp32", "cuda:0", "pass" if full.passed else "FAIL", full,
                               "" if full.passed else full.reason))
     return rows

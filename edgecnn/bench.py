@@ -152,7 +152,7 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
             t0 = time.perf_counter()
             rt = load_runtime(name, path, precision=precision, threads=threads, **options)
             load_s = time.perf_counter() - t0
-            file_precision = rt.metadata().get("precision")  # int8 / fp16 files from `quantize`
+            file_precision = _graph_precision(path)  # int8 / fp16 files, read from the graph
             relaxed = None
             try:
                 for b in batches:
@@ -174,6 +174,13 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
                 if relaxed is not None:
                     relaxed.close()
     return rows
+
+
+def _graph_precision(path: Path) -> str | None:
+    """The precision a model file's graph computes in (None for a checkpoint)."""
+    from edgecnn.runtimes.artifact import FORMATS, describe
+
+    return describe(path).precision if path.suffix.lower() in FORMATS else None
 
 
 def _worker(job: dict) -> list[dict]:

@@ -190,16 +190,14 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
 def export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize, embed_preprocessing,
            embed_softmax):
     """Export a checkpoint (edgecnn's or a bare Net state_dict) to ONNX, checked against PyTorch."""
-    from .report import verify_table
-
     res = _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize,
                   embed_preprocessing=embed_preprocessing, embed_softmax=embed_softmax)
     for name, detail in res.passes:
         click.echo(f"graph pass {name}: {detail}")
     if not optimize:
         click.echo("graph passes: off (--no-optimize)")
-    if res.parity:
-        click.echo(verify_table(res.parity))
+    if res.verdict is not None:
+        click.echo(res.verdict.text(per_class=False))
     n = 'batch' if res.dynamic_batch else 1
     spec = f"uint8 [{n},64,64,3]" if embed_preprocessing else f"[{n},3,64,64]"
     click.echo(f"wrote {res.path} (opset {res.opset}, input {spec})")
@@ -215,78 +213,55 @@ def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, o
 # ---------------------------------------------------------------------------------------------- verify
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--against", "against", type=click.Path(), required=True, help="The PyTorch checkpoint (.pt).")
+@click.option("--against", "against", type=click.Path(), required=True, help="The PyTorch checkpoint (.pt): the reference.")
 @click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv,
-              help="Comma-separated runtimes, or 'all' (every runtime x every precision it supports).")
-@click.option("--precision", default=None, help="fp32, fp16, bf16, ... [default: fp32; with --runtime all: every one]")
+              help="Comma-separated runtimes that run MODEL, or 'all' (every runtime x every precision it supports).")
+@click.option("--precision", default=None,
+              help="Compute precision for an fp32 graph: fp32, fp16, bf16 [default: fp32; with --runtime all: every "
+                   "one]. An int8/fp16 graph is judged at its own precision, read from the graph.")
 @click.option("--rtol", type=float, default=None, help="Override the precision's default rtol.")
 @click.option("--atol", type=float, default=None, help="Override the precision's default atol.")
+@click.option("--max-drop", type=float, default=None, help="Override the top-1 accuracy drop allowed (points).")
 @click.option("--data", type=click.Path(), default=None, help="Image folder for data-set inputs (default: built-in set).")
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the verdict as JSON.")
+@click.option("--confusion", type=click.Path(), default=None,
+              help="Also draw the confusion matrices (reference and each row) as a PNG (needs matplotlib).")
 @click.option("--isolate", is_flag=True, help="Run the check in a child process (untrusted models: a crash becomes an error).")
 @click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
-def verify(model, against, runtimes, precision, rtol, atol, data, json_out, isolate, options):
-    """Compare MODEL's logits on each runtime with PyTorch's; exit 1 on any failure."""
-    from .report import verify_table
-
+def verify(model, against, runtimes, precision, rtol, atol, max_drop, data, json_out, confusion, isolate, options):
+    """Judge MODEL against the PyTorch checkpoint on each runtime; exit 1 on any failure."""
     if isolate:
         from .isolate import isolated_cli
 
         args = ["verify", str(model), "--against", str(against), "--runtime", ",".join(runtimes)]
-        for flag, val in (("--precision", precision), ("--rtol", rtol), ("--atol", atol), ("--data", data),
-                          ("--json", json_out)):
+        for flag, val in (("--precision", precision), ("--rtol", rtol), ("--atol", atol), ("--max-drop", max_drop),
+                          ("--data", data), ("--json", json_out), ("--confusion", confusion)):
             if val is not None:
                 args += [flag, str(val)]
         for k, v in options.items():
             args += ["-O", f"{k}={v}"]
         sys.exit(isolated_cli(args, f"verifying {model}"))
 
-    rows = _verify(model, against, runtimes, precision, rtol, atol, data, options)
-    click.echo(verify_table(rows))
+    verdict = _verify(model, against, runtimes, precision, rtol, atol, data, options, max_drop)
+    click.echo(verdict.text())
     if json_out:
-        _write_json(json_out, [r.as_dict() for r in rows])
-    failed = [r for r in rows if r.status == "FAIL"]
-    if failed:
-        click.echo(f"edgecnn: error: parity failed on {', '.join(r.runtime for r in failed)}", err=True)
-        sys.exit(1)
-    if not any(r.status == "pass" for r in rows):
-        click.echo("edgecnn: error: no runtime could run the check", err=True)
-        sys.exit(3)
+        _write_json(json_out, verdict.as_dict())
+    if confusion:
+        from .verify import confusion_plot
+
+        confusion_plot(verdict, confusion)
+        click.echo(f"wrote {confusion}", err=True)
+    verdict.raise_for_status()
 
 
-def _verify(model, against, runtimes, precision, rtol, atol, data, options=None):
-    from edgecnn.runtimes import get_runtime_class
+def _verify(model, against, runtimes, precision, rtol, atol, data, options=None, max_drop=None):
+    from .verify import judge
 
-    from .checkpoint import load_checkpoint
-    from .parity import matrix_cells, parity_inputs, reference_logits, tolerance_for, verify_cells
-
-    model_path = Path(model)
-    if not model_path.is_file():
-        raise InvalidInputError(f"{model_path}: no such model file")
-    ckpt = load_checkpoint(against)
     every = runtimes == ["all"]
-    names = None if every else [get_runtime_class(n).name for n in runtimes]  # unknown names fail here
-    # --runtime all: every runtime x every precision it supports, unless --precision names one.
-    precision = precision or (None if every else "fp32")
-    if precision is not None:
-        tolerance_for(precision, rtol, atol)
-    cells = matrix_cells(model_path, Path(against), names, precision)
-    if options:
-        if every:
-            raise InvalidInputError("-O/--option applies to the runtimes you name; not with --runtime all")
-        import dataclasses
-
-        cells = [dataclasses.replace(c, options=tuple(options.items())) for c in cells]
-    # int8's verdict is task-level (top-1 agreement >= 97%): judge it on 300 data-set images, not 48.
-    n_data = 300 if any(c.precision == "int8" for c in cells) else 48
-    from edgecnn.exporters.embed import embedded_flags, verify_cells_embedded
-
-    flags = embedded_flags(model_path)  # --embed-preprocessing: the model takes raw uint8 pixels
-    if flags:
-        return verify_cells_embedded(cells, ckpt, flags[1], data=data, n_data=n_data, rtol=rtol, atol=atol)
-    batches = parity_inputs(ckpt.mean, ckpt.std, data=data, n_data=n_data)
-    refs = reference_logits(ckpt, batches)
-    return verify_cells(cells, batches, refs, rtol, atol)
+    if options and every:
+        raise InvalidInputError("-O/--option applies to the runtimes you name; not with --runtime all")
+    return judge(model, against, runtimes=None if every else runtimes, precision=precision,
+                 rtol=rtol, atol=atol, max_drop=max_drop, data=data, options=options)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -331,9 +306,10 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
             click.echo("note: the deploy config's backend options are applied by Classifier; bench uses "
                        "runtime, precision and threads", err=True)
         model, runtimes, threads = path, [rt], [opts.get("threads")]
-        from edgecnn.exporters.quantize import model_precision
+        from edgecnn.runtimes.artifact import describe
 
-        precisions = [model_precision(path) if model_precision(path) != "fp32" else opts.get("precision", "fp32")]
+        graph = describe(path).precision
+        precisions = [graph if graph != "fp32" else opts.get("precision", "fp32")]
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"{model}: no such model file")
     cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
@@ -539,7 +515,7 @@ cli.add_command(runtimes_cmd, "doctor")
 def demo(output, epochs, per_class, seed, progress):
     """Train on the built-in set, export, verify, benchmark; print one summary table."""
     from . import bench as b
-    from .report import bench_table, table, verify_table
+    from .report import bench_table, table
 
     t0 = time.perf_counter()
     out = Path(output)
@@ -551,21 +527,23 @@ def demo(output, epochs, per_class, seed, progress):
     click.echo(f"[2/4] exporting -> {out / 'model.onnx'}", err=True)
     exp = _export(out / "model.pt", out / "model.onnx", 17, False, True, None, None, None)
     click.echo("[3/4] verifying against PyTorch", err=True)
-    rows = _verify(out / "model.onnx", out / "model.pt", ["ort-cpu", "torch"], "fp32", None, None, None)
+    verdict = _verify(out / "model.onnx", out / "model.pt", ["ort-cpu"], "fp32", None, None, None)
+    rows = verdict.rows
     click.echo("[4/4] benchmarking", err=True)
     bench_rows = b.bench(out / "model.onnx", ["ort-cpu", "torch"], [1, 64], min_time=1.0)
     _write_json(str(out / "summary.json"), {
         "val_accuracy": res.val_accuracy, "history": res.history,
         "export_parity": [r.as_dict() for r in exp.parity],
-        "verify": [r.as_dict() for r in rows], "bench": [r.as_dict() for r in bench_rows],
+        "verify": verdict.as_dict(), "bench": [r.as_dict() for r in bench_rows],
     })
-    click.echo("\nverify (model.onnx vs model.pt):\n" + verify_table(rows))
+    click.echo("\nverify (model.onnx vs model.pt):\n" + verdict.text())
     click.echo("\nbench:\n" + bench_table(bench_rows))
     by = {(r.runtime, r.batch): r for r in bench_rows}
     summary = [
         ["validation accuracy", f"{res.val_accuracy * 100:.2f}% ({len(res.history)} epochs, {res.seconds:.0f} s)"],
         ["export parity (ort-cpu)", f"{exp.parity[0].status}, max abs {exp.parity[0].result.max_abs:.2e}"],
-        ["verify", ", ".join(f"{r.runtime} {r.status}" for r in rows)],
+        ["verify (vs PyTorch)", ", ".join(f"{r.runtime} {r.status}" for r in rows)
+         + ("" if verdict.passed else f" ({verdict.reason()})")],
     ]
     for rt in ("ort-cpu", "torch"):
         r1, r64 = by[(rt, 1)], by[(rt, 64)]
@@ -574,7 +552,7 @@ def demo(output, epochs, per_class, seed, progress):
     summary.append(["artefacts", f"{out}/ (model.pt, model.onnx, summary.json)"])
     summary.append(["total time", f"{time.perf_counter() - t0:.0f} s"])
     click.echo("\nsummary:\n" + table(["item", "value"], summary))
-    if any(r.status != "pass" for r in rows):
+    if not verdict.passed:
         sys.exit(1)
 
 

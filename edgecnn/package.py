@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from ._io import sha256_file
-from .errors import IntegrityError, InvalidInputError, InvalidModelError, MissingDependencyError, ParityError
+from .errors import IntegrityError, InvalidInputError, InvalidModelError, MissingDependencyError
 
 FORMAT = "edgecnn-bundle/1"
 MANIFEST = "manifest.json"
@@ -67,17 +67,6 @@ def _versions() -> dict[str, str | None]:
             "numpy": dist_version("numpy"), "pillow": dist_version("pillow")}
 
 
-def _precision(model, meta: dict[str, str]) -> str:
-    if meta.get("precision"):
-        return meta["precision"]
-    ops = {n.op_type for n in model.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}:
-        return "int8"
-    if any(t.data_type == 10 for t in model.graph.initializer):  # TensorProto.FLOAT16
-        return "fp16"
-    return "fp32"
-
-
 def inspect_model(path: Path) -> ModelFile:
     """Read what the manifest records about one .onnx file, and make sure ONNX Runtime CPU can run it."""
     from edgecnn.runtimes import Classifier
@@ -104,8 +93,11 @@ def inspect_model(path: Path) -> ModelFile:
         return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
                 "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
 
+    from edgecnn.runtimes.artifact import describe
+
+    art = describe(path)
     entry = {
-        "file": path.name, "precision": _precision(model, meta), "opset": opset,
+        "file": path.name, "precision": art.precision, "precision_evidence": art.precision_evidence, "opset": opset,
         "input": {**spec(model.graph.input[0]), "layout": layout}, "output": spec(model.graph.output[0]),
         "embedded_preprocessing": layout == "NHWC-uint8", "embedded_softmax": embedded_softmax,
         "mean": json.loads(meta.get("mean", "null")), "std": json.loads(meta.get("std", "null")),
@@ -115,27 +107,50 @@ def inspect_model(path: Path) -> ModelFile:
 
 
 def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike) -> list[dict]:
-    """Each model on ort-cpu against the PyTorch checkpoint, under its precision's tolerance; rows as dicts."""
-    from edgecnn.exporters import embed
-    from edgecnn.runtimes import get_runtime_class
-
+    """Each model judged against the PyTorch checkpoint on ort-cpu (edgecnn.verify, its default rules and
+    inputs); rows as dicts, each naming the sha256 of the file it judged. Raises ParityError on a failure."""
     from .checkpoint import load_checkpoint
-    from .parity import check_runtime, parity_inputs, reference_logits, tolerance_for
+    from .verify import judge
 
     ckpt = load_checkpoint(checkpoint)
-    batches = parity_inputs(ckpt.mean, ckpt.std)
-    refs = reference_logits(ckpt, batches)
     rows = []
     for m in models:
-        prec = m.entry["precision"]
-        if m.entry["embedded_preprocessing"]:
-            row = embed.parity_check(m.path, ckpt, m.entry["embedded_softmax"])
-        else:
-            load_prec = prec if prec in get_runtime_class("ort-cpu").precisions else "fp32"
-            row = check_runtime(m.path, "ort-cpu", load_prec, batches, refs, tolerance_for(prec))
-            row.precision = prec
-        rows.append({"model": m.path.name, **row.as_dict()})
+        verdict = judge(m.path, ckpt, runtimes=["ort-cpu"])
+        verdict.raise_for_status("; the bundle was not written")
+        rows += [r.as_dict() for r in verdict.rows]
     return rows
+
+
+def _verify_rows(obj, path) -> list[dict]:
+    """Rows of an `edgecnn verify --json` file (one verdict, or a list of verdicts or rows)."""
+    items = obj if isinstance(obj, list) else [obj]
+    rows = []
+    for it in items:
+        if isinstance(it, dict) and isinstance(it.get("rows"), list):
+            rows += [r for r in it["rows"] if isinstance(r, dict)]
+        elif isinstance(it, dict) and "runtime" in it:
+            rows.append(it)
+        else:
+            raise InvalidInputError(f"{path}: not the JSON `edgecnn verify --json` writes")
+    return rows
+
+
+def _check_verify_rows(rows: list[dict], hashes: dict[str, str], where: str) -> list[str]:
+    """Problems: a verify row that ran a model must name the sha256 of a bundled model file."""
+    bundled = set(hashes.values())
+    problems = []
+    for r in rows:
+        if r.get("status") not in ("pass", "FAIL"):
+            continue
+        digest = r.get("model_sha256")
+        if not digest:
+            problems.append(f"verify row {r.get('runtime')} {r.get('precision')} in {where} names no model sha256")
+        elif digest not in bundled:
+            problems.append(f"verify row {r.get('runtime')} {r.get('precision')} in {where} judged a file that is not "
+                            f"in the bundle (sha256 {digest[:12]})")
+        elif r.get("status") != "pass":
+            problems.append(f"verify row {r.get('runtime')} {r.get('precision')} in {where} is a FAIL")
+    return problems
 
 
 def _read_json(path: str | os.PathLike, what: str):
@@ -176,17 +191,15 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
     verify = None
     if against is not None:
         verify = verify_against(files, against)
-        failed = [r["model"] for r in verify if r["status"] != "pass"]
-        if failed:
-            raise ParityError(f"verify failed for {', '.join(failed)}; {out} was not written")
     elif verify_json is not None:
-        verify = _read_json(verify_json, "verify")
+        verify = _verify_rows(_read_json(verify_json, "verify"), verify_json)
     bench = _bench_summary(_read_json(bench_json, "bench")) if bench_json is not None else None
     summary = paths[0].parent / "summary.json"  # `edgecnn demo` leaves one beside its model
     if summary.is_file() and (verify is None or bench is None):
         obj = _read_json(summary, "summary")
         if isinstance(obj, dict):
-            verify = verify if verify is not None else obj.get("verify")
+            if verify is None and obj.get("verify") is not None:
+                verify = _verify_rows(obj["verify"], summary)
             bench = bench if bench is not None else (_bench_summary(obj.get("bench")) or None)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
@@ -202,6 +215,10 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
         (tmp / "predict.py").write_text(predict_source(), encoding="utf-8")
         (tmp / PREPROCESS_FILE).write_text(preprocess_source(), encoding="utf-8")
         hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        model_hashes = {f.path.name: hashes[f.path.name] for f in files}
+        problems = _check_verify_rows(verify or [], model_hashes, "the verify rows given")
+        if problems:
+            raise IntegrityError("; ".join(problems) + f"; {out} was not written")
         for f in files:
             f.entry["sha256"] = hashes[f.path.name]
             f.entry["bytes"] = (tmp / f.path.name).stat().st_size
@@ -273,6 +290,12 @@ def check_bundle(folder: str | os.PathLike) -> dict:
     models = {m.get("file"): m.get("sha256") for m in manifest.get("models", [])}
     problems += [f"{name}: models[] and files{{}} disagree in {MANIFEST}" for name, d in models.items()
                  if listed.get(name) != d]
+    verify = manifest.get("verify") or []
+    if not isinstance(verify, list):
+        problems.append(f"'verify' in {MANIFEST} is not a list of rows")
+    else:
+        problems += _check_verify_rows([r for r in verify if isinstance(r, dict)],
+                                       {n: d for n, d in models.items() if n}, MANIFEST)
     if problems:
         raise IntegrityError(f"bundle check failed in {folder}: " + "; ".join(problems))
     return manifest

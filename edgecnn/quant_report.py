@@ -11,20 +11,20 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-# Built-in set: calibration and held-out images come from different generator seeds (never the same
-# images), and neither is the seed the `train` command uses by default (0).
+# Built-in set: calibration images come from their own generator seed; the held-out images are the
+# judge's default data-set images (edgecnn.verify: seed 1234, 300 images), so `quantize` judges a file
+# on exactly the images `verify` and `package` judge it on. Neither is `train`'s default seed (0).
 CALIB_SEED = 1001
-HELDOUT_SEED = 2002
-HELDOUT_PER_CLASS = 100  # 600 held-out images: one image is 0.17 points
 HELDOUT_FRACTION = 0.3  # of a user's image folder
 
 
 @dataclass
 class QuantData:
     calib: np.ndarray  # float32 (N, 3, 64, 64), normalized
-    heldout: np.ndarray  # float32 (M, 3, 64, 64), normalized
-    labels: np.ndarray  # int64 (M,)
+    heldout: np.ndarray  # float32 (M, 3, 64, 64), normalized: the judge's "data" batch
+    labels: np.ndarray | None  # int64 (M,), or None without labels of the model's classes
     source: str  # "built-in set (seeds ...)" or the folder
+    inputs: object = None  # edgecnn.verify.Inputs: the judge's random + held-out batches
 
 
 def model_classes_and_norm(meta: dict[str, str]) -> tuple[list[str] | None, list[float], list[float]]:
@@ -60,7 +60,7 @@ def _loose_images(folder: str | os.PathLike) -> np.ndarray:
 
 
 def quant_data(calib: str | os.PathLike, meta: dict[str, str], samples: int,
-               heldout: str | os.PathLike | None = None, heldout_per_class: int = HELDOUT_PER_CLASS) -> QuantData:
+               heldout: str | os.PathLike | None = None) -> QuantData:
     """Calibration images and a disjoint held-out labelled set, normalized with the model's mean/std.
 
     ``heldout`` None: the built-in set's held-out seed when calibrating on it, else a stratified split of
@@ -70,6 +70,7 @@ def quant_data(calib: str | os.PathLike, meta: dict[str, str], samples: int,
     from edgecnn.runtimes.preprocess import normalize
 
     from .data import SYNTHETIC_CLASSES, image_folder, split, synthetic_dataset
+    from .verify import N_DATA, SEED, make_inputs
 
     if samples < 1:
         raise InvalidInputError("--calib-samples must be >= 1")
@@ -93,13 +94,15 @@ def quant_data(calib: str | os.PathLike, meta: dict[str, str], samples: int,
             cal = _loose_images(calib)[:samples]
         if str(heldout) == "builtin":
             _check_classes(names, list(SYNTHETIC_CLASSES), "the built-in set")
-            held = synthetic_dataset(per_class=heldout_per_class, seed=HELDOUT_SEED)
-            source = f"built-in set, held-out seed {HELDOUT_SEED}"
+            held = synthetic_dataset(per_class=-(-N_DATA // len(SYNTHETIC_CLASSES)), seed=SEED)
+            source = f"built-in set, seed {SEED} (the images verify judges on)"
         else:
             held = image_folder(heldout)
             _check_classes(names, held.class_names, str(heldout))
             source = str(heldout)
-    return QuantData(normalize(cal, mean, std), held.tensors(mean, std), held.labels, source)
+    inputs = make_inputs(mean, std, names, dataset=held, n_data=len(held))
+    inputs.source = source
+    return QuantData(normalize(cal, mean, std), inputs.batches["data"], inputs.labels, source, inputs)
 
 
 @dataclass
@@ -120,6 +123,11 @@ class AccuracyReport:
     passed: bool
     data: str = ""
     calibration: str = ""
+    rel_l2: float = 0.0  # relative L2 error of the logits (the judge's bound)
+    cosine: float = 1.0
+    worst_class_drop: float | None = None  # points
+    reason: str = ""  # the judge's reasons when it fails
+    graph_precision: str = ""  # what the judge read from the written file's graph
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -134,10 +142,12 @@ class AccuracyReport:
             [f"top-1 accuracy {self.precision} ({self.runtime})", f"{self.acc_quant * 100:.2f}%"],
             ["accuracy drop", f"{self.drop_points:+.2f} points (max allowed {self.max_drop:g})"],
             ["top-1 agreement", f"{self.agreement * 100:.2f}%"],
+            ["worst per-class recall drop", "-" if self.worst_class_drop is None else f"{self.worst_class_drop:+.1f} points"],
             ["max abs logit diff", f"{self.max_abs_diff:.4g}" + ("" if self.finite else " (NON-FINITE outputs)")],
+            ["logit rel L2 / cosine", f"{self.rel_l2:.4g} / {self.cosine:.6f}"],
             ["file size fp32", _size(self.size_fp32)],
             [f"file size {self.precision}", f"{_size(self.size_quant)} ({self.size_quant / self.size_fp32:.2f}x)"],
-            ["verdict", "pass" if self.passed else "FAIL"],
+            ["verdict", "pass" if self.passed else f"FAIL: {self.reason}"],
         ]
         return table(["accuracy report", ""], rows)
 
@@ -165,16 +175,17 @@ def logits(runtime: str, path: str | os.PathLike, x: np.ndarray, batch: int = 64
         return np.concatenate([rt.run(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def accuracy_report(fp32_logits: np.ndarray, q_logits: np.ndarray, labels: np.ndarray, *, backend: str,
-                    precision: str, runtime: str, size_fp32: int, size_quant: int, max_drop: float,
-                    data: str = "", calibration: str = "") -> AccuracyReport:
-    """Compare the quantized model's held-out predictions with fp32's; passed when drop <= max_drop."""
-    finite = bool(np.isfinite(q_logits).all())
-    p32, pq = fp32_logits.argmax(1), q_logits.argmax(1)
-    acc32, accq = float((p32 == labels).mean()), float((pq == labels).mean())
-    drop = (acc32 - accq) * 100
-    diff = float(np.abs(q_logits.astype(np.float64) - fp32_logits).max()) if finite else float("inf")
-    passed = finite and drop <= max_drop + 1e-9
-    return AccuracyReport(backend, precision, runtime, len(labels), acc32, accq, drop,
-                          float((p32 == pq).mean()), diff, finite, size_fp32, size_quant, max_drop, passed,
-                          data, calibration)
+def accuracy_report(fp32_logits: dict[str, np.ndarray], q_logits: dict[str, np.ndarray], data: QuantData, *,
+                    backend: str, precision: str, runtime: str, size_fp32: int, size_quant: int, max_drop: float,
+                    calibration: str = "", class_names=None) -> AccuracyReport:
+    """The judge (edgecnn.verify.compare) on the quantized model's logits against fp32's, under the
+    tolerance of ``precision`` as read from the written file's graph, with ``max_drop`` as its drop bound."""
+    from .verify import compare, tolerance_for
+
+    res = compare(fp32_logits, q_logits, tolerance_for(precision, max_drop=max_drop), data.labels, class_names)
+    acc32 = res.acc_ref if res.acc_ref is not None else float("nan")
+    accq = res.acc_out if res.acc_out is not None else float("nan")
+    return AccuracyReport(backend, precision, runtime, len(data.heldout), acc32, accq, (acc32 - accq) * 100,
+                          res.agreement, res.max_abs, res.finite, size_fp32, size_quant, max_drop, res.passed,
+                          data.source, calibration, res.rel_l2, res.cosine, res.worst_class_drop,
+                          "" if res.passed else res.reason, precision)

@@ -30,11 +30,11 @@ def verify_table(rows) -> str:
     for r in rows:
         p = r.result
         if p is None:
-            out.append([r.runtime, r.precision, r.device, "-", "-", "-", "-", r.status, r.note])
+            out.append([r.runtime, r.precision, r.device, "-", "-", "-", "-", "-", r.status, r.note])
         else:
-            out.append([r.runtime, r.precision, r.device, f"{p.max_abs:.3g}", f"{p.max_rel:.3g}",
+            out.append([r.runtime, r.precision, r.device, f"{p.max_abs:.3g}", f"{p.max_rel:.3g}", f"{p.rel_l2:.3g}",
                         f"{p.cosine:.6f}", f"{p.agreement * 100:.2f}%", r.status, r.note])
-    return table(["runtime", "precision", "device", "max abs", "max rel", "cosine", "top-1 agree",
+    return table(["runtime", "precision", "device", "max abs", "max rel", "rel L2", "cosine", "top-1 agree",
                   "verdict", "note"], out)
 
 

@@ -55,9 +55,10 @@ def _variant(model: Path, runtime: str, precision: str, tmp: Path, log) -> Path:
         return model_for_runtime(runtime, model)
     if runtime not in ("ort-cpu", "openvino"):
         raise InvalidInputError(f"int8 runs on ort-cpu and openvino, not {runtime}")
-    from edgecnn.exporters.quantize import default_output, model_precision, quantize
+    from edgecnn.exporters.quantize import default_output, quantize
+    from edgecnn.runtimes.artifact import describe
 
-    if model_precision(model) == "int8":
+    if describe(model).precision == "int8":
         return model
     backend = "openvino" if runtime == "openvino" else "ort"
     sib = default_output(model, "int8", backend)

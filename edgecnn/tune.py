@@ -43,18 +43,15 @@ class Candidate:
                 "model": os.path.relpath(self.model, base), "threads": self.threads, "options": self.options}
 
 
-def _gate(cand: Candidate, ref: np.ndarray, out: np.ndarray, labels: np.ndarray, max_drop: float) -> None:
-    from .parity import TOLERANCES, compare
+def _gate(cand: Candidate, ref: dict, out: dict, data, names, max_drop: float) -> None:
+    """The judge's verdict on one candidate (edgecnn.verify.compare), against the fp32 model's logits."""
+    from .verify import compare, tolerance_for
 
-    res = compare(ref, out, TOLERANCES[cand.precision])
-    acc_ref = float((ref.argmax(1) == labels).mean())
-    cand.accuracy = float((out.argmax(1) == labels).mean())
-    cand.drop_points = (acc_ref - cand.accuracy) * 100
+    res = compare(ref, out, tolerance_for(cand.precision, max_drop=max_drop), data.labels, names)
+    cand.accuracy = res.acc_out
+    cand.drop_points = None if res.acc_ref is None else (res.acc_ref - res.acc_out) * 100
     cand.agreement, cand.max_abs = res.agreement, res.max_abs
-    reasons = [] if res.passed else [res.reason]
-    if cand.drop_points > max_drop + 1e-9:
-        reasons.append(f"accuracy drop {cand.drop_points:.2f} > {max_drop:g} points")
-    cand.gate = "pass" if not reasons else "; ".join(reasons)
+    cand.gate = "pass" if res.passed else res.reason
 
 
 def candidates(fp32: Path, int8: dict[str, Path], threads: list[int],
@@ -103,10 +100,12 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
     out_dir = Path(out_dir) if out_dir else model.with_name(model.stem + ".tuned")
     out_dir.mkdir(parents=True, exist_ok=True)
     from edgecnn.exporters.meta import onnx_metadata
+    from edgecnn.runtimes.artifact import describe
 
     meta = onnx_metadata(model)
-    if meta.get("precision", "fp32") != "fp32":
-        raise InvalidInputError(f"{model}: is {meta['precision']}; tune starts from the fp32 model")
+    graph = describe(model).precision
+    if graph != "fp32":
+        raise InvalidInputError(f"{model}: is {graph} (read from its graph); tune starts from the fp32 model")
     names, _, _ = model_classes_and_norm(meta)
     data = quant_data(calib, meta, 300)
     # Every variant accepts any batch: the fp32 file gets a symbolic batch axis if it has none.
@@ -130,14 +129,15 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
                 f"(drop {res.report.drop_points:.2f} points)")
         except ParityError as e:
             log(f"int8 ({backend}) refused by the accuracy gate: {e}")
-    ref = logits("ort-cpu", fp32, data.heldout)
+    ref = {k: logits("ort-cpu", fp32, v) for k, v in data.inputs.batches.items()}
     cands = candidates(fp32, variants, threads, runtimes)
     from edgecnn.runtimes import load_runtime
 
     for c in cands:
         with load_runtime(c.runtime, c.model, precision=c.run_precision, threads=c.threads, **c.options) as rt:
-            outs = np.concatenate([rt.run(data.heldout[i : i + 64]) for i in range(0, len(data.heldout), 64)])
-            _gate(c, ref, outs, data.labels, max_drop)
+            outs = {k: np.concatenate([rt.run(v[i : i + 64]) for i in range(0, len(v), 64)])
+                    for k, v in data.inputs.batches.items()}
+            _gate(c, ref, outs, data, names, max_drop)
             if c.gate == "pass":
                 c.throughput = time_runtime(rt, batch, min_time=min_time).throughput
                 c.p50_ms = time_runtime(rt, 1, min_time=min_time).p50_ms
@@ -148,15 +148,33 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
         raise ParityError("no configuration passed the accuracy gate")
     best = (max(passing, key=lambda c: c.throughput) if objective == "throughput"
             else min(passing, key=lambda c: c.p50_ms))
+    # The screening figures above are single runs in one busy process (and the best of several noisy
+    # ones picked the winner): the figure recorded is the winner re-timed alone in a fresh process.
+    screened = {"throughput": best.throughput, "p50_ms_batch1": best.p50_ms}
+    best.throughput, best.p50_ms = retime(best, batch, min_time)
+    log(f"winner re-timed in a fresh process: {best.throughput:,.0f} img/s @b{batch} (screening "
+        f"{screened['throughput']:,.0f}), p50 b1 {best.p50_ms:.3f} ms (screening {screened['p50_ms_batch1']:.3f})")
     from .machine import describe
 
     cfg = {"format": "edgecnn-deploy/1", **best.config(out_dir), "objective": objective, "batch": batch,
            "max_drop": max_drop, "machine": describe(), "class_names": names,
            "measured": {"throughput": best.throughput, "p50_ms_batch1": best.p50_ms,
-                        "accuracy": best.accuracy, "drop_points": best.drop_points},
+                        "how": "the winner alone in a fresh process (edgecnn.sweep.run_config)",
+                        "screening": screened, "accuracy": best.accuracy, "drop_points": best.drop_points},
            "candidates": [_row(c, out_dir) for c in cands]}
     write_text_atomic(out_dir / "deploy.json", json.dumps(cfg, indent=2) + "\n")
     return cfg, cands
+
+
+def retime(c: Candidate, batch: int, min_time: float) -> tuple[float, float]:
+    """(img/s at ``batch``, p50 ms at batch 1) of candidate ``c``, timed in a fresh child process."""
+    from .sweep import Config, run_config
+
+    label = c.run_precision if c.run_precision != "fp32" else c.precision  # the worker maps int8 -> fp32 compute
+    rows = run_config(Config(c.runtime, label, c.threads, c.model), sorted({1, batch}), min_time, 5,
+                      options=c.options)
+    by = {r["batch"]: r for r in rows}
+    return by[batch]["throughput"], by[1]["p50_ms"]
 
 
 def _row(c: Candidate, base: Path) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,72 +71,3 @@ def embed_preprocessing(model, mean: Sequence[float], std: Sequence[float], soft
 def embedded_metadata(softmax: bool) -> dict[str, str]:
     """The metadata a runtime, the Classifier and a bundle's predict.py read to feed the model."""
     return {"input_layout": LAYOUT, "embedded_preprocessing": "1", "embedded_softmax": "1" if softmax else "0"}
-
-
-def parity_images(n_random: int = 16, n_data: int = 48, data: str | os.PathLike | None = None,
-                  seed: int = 1234) -> dict[str, np.ndarray]:
-    """Named uint8 (N, 64, 64, 3) batches: random pixels and data-set images (built-in set unless ``data``)."""
-    from edgecnn.data import image_folder, synthetic_dataset
-
-    rng = np.random.default_rng(seed)
-    batches = {"random": rng.integers(0, 256, size=(n_random, 64, 64, 3), dtype=np.uint8)}
-    ds = synthetic_dataset(per_class=max(1, -(-n_data // 6)), seed=seed) if data is None else image_folder(data)
-    idx = rng.permutation(len(ds))[:n_data]
-    batches["data"] = ds.images[np.sort(idx)]
-    return batches
-
-
-def parity_check(onnx_path, ckpt, softmax: bool, runtime: str = "ort-cpu", data=None, rtol=None, atol=None):
-    """The embedded model on ``runtime`` fed raw uint8 images vs PyTorch fed the Python preprocessing."""
-    import torch
-    from edgecnn.runtimes.preprocess import normalize
-    from edgecnn.runtimes.preprocess import softmax as np_softmax
-
-    from edgecnn.parity import check_runtime, tolerance_for
-
-    batches = parity_images(data=data)
-    net = ckpt.build_model()
-    with torch.inference_mode():
-        refs = {k: net(torch.from_numpy(normalize(v, ckpt.mean, ckpt.std))).numpy() for k, v in batches.items()}
-    if softmax:
-        refs = {k: np_softmax(v) for k, v in refs.items()}
-    return check_runtime(onnx_path, runtime, "fp32", batches, refs, tolerance_for("fp32", rtol, atol))
-
-
-def embedded_flags(path) -> tuple[bool, bool] | None:
-    """(True, softmax?) for an .onnx file exported with --embed-preprocessing, else None. Never raises."""
-    from pathlib import Path
-
-    if Path(path).suffix.lower() != ".onnx":
-        return None
-    try:
-        from .meta import onnx_metadata
-
-        meta = onnx_metadata(path)
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by the runtime that opens it
-        return None
-    if meta.get("embedded_preprocessing") != "1":
-        return None
-    return True, meta.get("embedded_softmax") == "1"
-
-
-def verify_cells_embedded(cells: list, ckpt, softmax: bool, data=None, n_data: int = 48,
-                          rtol: float | None = None, atol: float | None = None) -> list:
-    """`edgecnn verify` for an embedded model: its cells get raw uint8 images, the torch cells (the
-    checkpoint) the same images through the Python preprocessing; one set of reference logits."""
-    from edgecnn.runtimes.preprocess import normalize
-    from edgecnn.runtimes.preprocess import softmax as np_softmax
-
-    from edgecnn.parity import reference_logits, verify_cells
-
-    raw = parity_images(n_data=n_data, data=data)
-    floats = {k: normalize(v, ckpt.mean, ckpt.std) for k, v in raw.items()}
-    refs = reference_logits(ckpt, floats)
-    graph_refs = {k: np_softmax(v) for k, v in refs.items()} if softmax else refs
-    rows = []
-    for c in cells:  # keep the matrix order
-        if c.runtime == "torch":
-            rows += verify_cells([c], floats, refs, rtol, atol)
-        else:
-            rows += verify_cells([c], raw, graph_refs, rtol, atol)
-    return rows

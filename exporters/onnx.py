@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgecnn._io import atomic_path
 from edgecnn.checkpoint import Checkpoint, load_checkpoint
-from edgecnn.errors import InvalidInputError, MissingDependencyError, ParityError
+from edgecnn.errors import InvalidInputError, MissingDependencyError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -25,6 +25,7 @@ class ExportResult:
     opset: int
     dynamic_batch: bool
     parity: list = field(default_factory=list)  # VerifyRow per parity check that ran
+    verdict: object = None  # edgecnn.verify.Verdict of the check
     passes: list = field(default_factory=list)  # graph passes applied (name, detail)
 
 
@@ -98,22 +99,10 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, 
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
         if check:
-            if embed_preprocessing:
-                from .embed import parity_check as embedded_parity_check
+            from edgecnn.verify import judge
 
-                result.parity = [embedded_parity_check(tmp, ckpt, embed_softmax, data=data, rtol=rtol, atol=atol)]
-            else:
-                result.parity = [parity_check(tmp, ckpt, data=data, rtol=rtol, atol=atol)]
-            if result.parity[0].status != "pass":
-                raise ParityError(f"exported model does not match PyTorch on ort-cpu: {result.parity[0].note}; "
-                                  f"{out} was not written")
+            result.verdict = judge(tmp, ckpt, runtimes=["ort-cpu"], precision="fp32", rtol=rtol, atol=atol, data=data,
+                                   name=out.name)
+            result.parity = result.verdict.rows
+            result.verdict.raise_for_status(f"; {out} was not written")
     return result
-
-
-def parity_check(onnx_path, ckpt: Checkpoint, runtime: str = "ort-cpu", precision: str = "fp32",
-                 data=None, rtol=None, atol=None):
-    from edgecnn.parity import check_runtime, parity_inputs, reference_logits, tolerance_for
-
-    batches = parity_inputs(ckpt.mean, ckpt.std, data=data)
-    refs = reference_logits(ckpt, batches)
-    return check_runtime(onnx_path, runtime, precision, batches, refs, tolerance_for(precision, rtol, atol))

@@ -62,11 +62,16 @@ def test_export_default_path_and_bare_state_dict(tmp_path, run_cli):
 
 
 def test_verify_passes_on_the_real_export(trained, run_cli, tmp_path):
-    r = run_cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "ort-cpu,torch",
+    r = run_cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "ort-cpu",
                 "--json", tmp_path / "v.json")
     assert r.exit_code == 0, r.output + r.stderr
-    rows = json.loads((tmp_path / "v.json").read_text())
-    ort = next(x for x in rows if x["runtime"] == "ort-cpu")
+    verdict = json.loads((tmp_path / "v.json").read_text())
+    assert verdict["passed"] and verdict["graph_precision"] == "fp32"
+    assert all(m["status"] == "ok" for m in verdict["metadata"])
+    rows = verdict["rows"]
+    assert [x["runtime"] for x in rows] == ["ort-cpu"]  # the reference is not a row
+    ort = rows[0]
+    assert ort["model_sha256"] == verdict["model_sha256"]
     assert ort["status"] == "pass" and 0 < ort["max_abs"] < 1e-3 and ort["agreement"] == 1.0
 
 
@@ -84,7 +89,7 @@ def test_verify_fails_on_altered_weights(trained, tmp_path, run_cli, scale):
     _altered(trained.onnx, bad, scale)
     r = run_cli("verify", bad, "--against", trained.pt)
     assert r.exit_code == 1
-    assert "FAIL" in r.output and "parity failed" in r.stderr
+    assert "FAIL" in r.output and "does not match PyTorch" in r.stderr
 
 
 def test_verify_tolerance_override(trained, run_cli, tmp_path):

@@ -10,7 +10,7 @@ from edgecnn.runtimes import _deps, get_runtime_class, load_runtime
 
 from edgecnn.checkpoint import load_checkpoint
 from edgecnn.errors import RuntimeUnavailableError
-from edgecnn.parity import TOLERANCES, compare, parity_inputs, reference_logits
+from edgecnn.verify import TOLERANCES, compare, make_inputs, reference_logits
 
 GPU_RUNTIMES = ("ort-cuda", "ort-trt")
 
@@ -93,7 +93,7 @@ def test_library_probe_names_the_missing_driver():
 # ------------------------------------------------------------------------------------ on a GPU only
 def _ref(trained):
     ckpt = load_checkpoint(trained.pt)
-    batches = parity_inputs(ckpt.mean, ckpt.std, n_random=8, n_data=48)
+    batches = make_inputs(ckpt.mean, ckpt.std, n_random=8, n_data=48).batches
     return np.concatenate(list(batches.values())), np.concatenate(list(reference_logits(ckpt, batches).values()))
 
 
