@@ -23,7 +23,7 @@ _M_GRAPH, _M_META, _M_OPSET = 7, 14, 8
 _G_NODE, _G_INIT, _G_INPUT, _G_OUTPUT = 1, 5, 11, 12
 _N_OP, _N_ATTR = 4, 5
 _A_NAME, _A_I = 1, 3
-_T_DIMS, _T_DTYPE, _T_NAME = 1, 2, 8
+_T_DIMS, _T_DTYPE, _T_FLOAT_DATA, _T_NAME, _T_RAW = 1, 2, 4, 8, 9
 _VI_NAME, _VI_TYPE = 1, 2
 _TP_TENSOR = 1
 _TT_ELEM, _TT_SHAPE = 1, 2
@@ -54,6 +54,7 @@ class ModelArtifact:
     precision: str  # from the graph: "fp32" | "fp16" | "bf16" | "int8"
     precision_evidence: str  # what in the graph decided it
     metadata: dict = field(default_factory=dict)
+    nonfinite: tuple = ()  # names of float initializers holding NaN or Inf
 
     @property
     def input_layout(self) -> str:
@@ -155,6 +156,7 @@ def _onnx(path: Path) -> ModelArtifact:
     init_names: set[str] = set()
     inputs: list[tuple] = []
     outputs: list[tuple] = []
+    bad: list[str] = []
     size = path.stat().st_size
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         buf = memoryview(mm)
@@ -193,11 +195,18 @@ def _onnx(path: Path) -> ModelArtifact:
                             if op == "Cast" and to is not None:
                                 casts.add(to)
                         elif gf == _G_INIT:
+                            tname, ttype, payload = "", None, []
                             for tf, twt, tv in _fields(buf, *gv):
                                 if tf == _T_DTYPE and twt == 0:
+                                    ttype = tv
                                     init_types.add(tv)
                                 elif tf == _T_NAME and twt == 2:
-                                    init_names.add(_text(buf, tv))
+                                    tname = _text(buf, tv)
+                                    init_names.add(tname)
+                                elif tf in (_T_RAW, _T_FLOAT_DATA) and twt == 2:
+                                    payload.append((tf, tv))
+                            if ttype in _FLOAT_NP and not _finite(buf, ttype, payload):
+                                bad.append(tname)
                         elif gf == _G_INPUT:
                             inputs.append(_value_info(buf, gv))
                         elif gf == _G_OUTPUT:
@@ -220,7 +229,28 @@ def _onnx(path: Path) -> ModelArtifact:
     else:
         precision, why = "fp32", "float32 weights, no quantization ops"
     (iname, idtype, ishape), (_, _, oshape) = inputs[0], outputs[0]
-    return ModelArtifact(path, "onnx", h.hexdigest(), iname, idtype, ishape, oshape, precision, why, meta)
+    return ModelArtifact(path, "onnx", h.hexdigest(), iname, idtype, ishape, oshape, precision, why, meta,
+                         tuple(bad))
+
+
+_FLOAT_NP = {1: "<f4", 10: "<f2", 11: "<f8"}
+
+
+def _finite(buf, dtype: int, payload: list) -> bool:
+    """Whether a float initializer's values (raw_data, or packed float_data for float32) are all finite."""
+    import numpy as np
+
+    for tf, (a, b) in payload:
+        if tf == _T_RAW:
+            item = np.dtype(_FLOAT_NP[dtype]).itemsize
+            vals = np.frombuffer(bytes(buf[a:b - (b - a) % item]), _FLOAT_NP[dtype])
+        elif dtype == 1:
+            vals = np.frombuffer(bytes(buf[a:b - (b - a) % 4]), "<f4")
+        else:
+            continue
+        if not np.isfinite(vals).all():
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- OpenVINO IR

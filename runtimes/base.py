@@ -74,9 +74,14 @@ class Runtime(ABC):
                 f"{path}: runtime {self.name} reads {'/'.join(self.suffixes)} files, not {path.suffix or 'this file'}"
             )
         if path.suffix.lower() == ".onnx":
+            from .artifact import describe
             from .onnx_guard import check_external_data
 
             check_external_data(path)  # before any runtime opens the file
+            bad = describe(path).nonfinite
+            if bad:
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                raise InvalidModelError(f"{path}: weights {', '.join(bad[:3])}{more} contain NaN or Inf; refused")
         if precision not in self.precisions:
             raise InvalidInputError(
                 f"runtime {self.name} supports precision {', '.join(self.precisions)}, not {precision!r}"
@@ -163,10 +168,15 @@ class Runtime(ABC):
         x = self._validate(x)
         fixed = self.input_shape[0]
         if fixed is None or fixed == x.shape[0]:
-            return self._run(x)
-        if fixed == 1:
-            return np.concatenate([self._run(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
-        raise InvalidInputError(f"model has a fixed batch of {fixed}; got a batch of {x.shape[0]}")
+            out = self._run(x)
+        elif fixed == 1:
+            out = np.concatenate([self._run(x[i : i + 1]) for i in range(x.shape[0])], axis=0)
+        else:
+            raise InvalidInputError(f"model has a fixed batch of {fixed}; got a batch of {x.shape[0]}")
+        if not np.isfinite(out).all():  # exit 0 must mean a finite, meaningful answer
+            raise InvalidModelError(f"{self.model_path}: the model gave NaN or Inf for a finite input; "
+                                    "its weights or graph are broken")
+        return out
 
     def _validate(self, x) -> np.ndarray:
         if not isinstance(x, np.ndarray):

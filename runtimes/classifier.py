@@ -34,13 +34,24 @@ class ModelInfo:
             raise InvalidModelError(f"model metadata is not valid JSON: {e}") from None
         if names is None:
             names = [f"class_{i}" for i in range(num_classes)]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InvalidModelError(f"model metadata class_names must be a list of strings, got {str(names)[:80]}")
         if len(names) != num_classes:
             raise InvalidModelError(
                 f"model metadata names {len(names)} classes but the model outputs {num_classes}"
             )
-        if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
-            raise InvalidModelError(f"model metadata has a bad mean/std: {mean} / {std}")
-        return cls(tuple(map(str, names)), tuple(map(float, mean)), tuple(map(float, std)), input_size)
+        return cls(tuple(names), _triple("mean", mean), _triple("std", std, positive=True), input_size)
+
+
+def _triple(key: str, value, positive: bool = False) -> tuple[float, ...]:
+    """Three finite numbers (std: > 0), or InvalidModelError naming the field."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    vals = tuple(float(v) for v in value) if ok else ()
+    if not ok or not np.isfinite(vals).all() or (positive and min(vals) <= 0):
+        need = "three finite numbers > 0" if positive else "three finite numbers"
+        raise InvalidModelError(f"model metadata {key} must be {need}, got {str(value)[:80]}")
+    return vals
 
 
 class Classifier:

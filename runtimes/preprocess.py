@@ -64,6 +64,8 @@ def to_rgb_uint8(image: ImageLike, size: int = INPUT_SIZE) -> np.ndarray:
         raise InvalidInputError(f"unsupported image type {type(image).__name__}")
     if im.width == 0 or im.height == 0:
         raise InvalidInputError("empty image (0 pixels)")
+    if im.mode == "F" and not np.isfinite(np.asarray(im, dtype=np.float32)).all():
+        raise InvalidInputError("the image has NaN or Inf pixel values")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits instead of clipping.
         arr = np.asarray(im, dtype=np.float64)

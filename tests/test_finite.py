@@ -1,0 +1,86 @@
+"""Exit 0 means a finite, meaningful answer (issue 15's wrong answers with exit 0): non-finite weights,
+non-finite outputs, metadata of the wrong type and a NaN image are refused with one line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from edgecnn.data import synthetic_dataset
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgecnn", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def one_line(r, code: int) -> str:
+    assert r.returncode == code, (r.returncode, r.stdout[-1000:], r.stderr[-1000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("edgecnn: error:"), r.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    p = tmp_path_factory.mktemp("img") / "a.png"
+    Image.fromarray(synthetic_dataset(1, seed=3).images[0]).save(p)
+    return p
+
+
+def _poison(src, dst, value, which="conv"):
+    m = onnx.load(str(src))
+    t = next(i for i in m.graph.initializer if (len(i.dims) == 4 if which == "conv" else len(i.dims) == 1))
+    w = numpy_helper.to_array(t).copy()
+    w.flat[0] = value
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+    onnx.save(m, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_with_the_tensor_named(trained, tmp_path, image, value):
+    bad = _poison(trained.onnx, tmp_path / "bad.onnx", value)
+    line = one_line(cli("predict", bad, image), 2)
+    assert "contain NaN or Inf" in line and "weight" in line
+
+
+def test_non_finite_outputs_are_refused_per_call(trained, tmp_path):
+    """A graph that turns a finite input into NaN (here: the logits divided by zero) never answers."""
+    from edgecnn.runtimes import load_runtime
+
+    from edgecnn.errors import InvalidModelError
+
+    m = onnx.load(str(trained.onnx_dynamic))
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        n.output[:] = [x + "_raw" if x == out else x for x in n.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    m.graph.node.append(onnx.helper.make_node("Div", [out + "_raw", "zero"], [out]))
+    onnx.save(m, str(tmp_path / "div0.onnx"))
+    with load_runtime("ort-cpu", tmp_path / "div0.onnx") as rt:
+        with pytest.raises(InvalidModelError, match="NaN or Inf"):
+            rt.run(np.zeros((2, 3, 64, 64), np.float32))
+
+
+@pytest.mark.parametrize("key,value", [("mean", "5"), ("mean", "null"), ("class_names", "5"),
+                                       ("std", '["a", "b", "c"]'), ("std", "[1e309, 1, 1]"), ("std", "[0, 1, 1]")])
+def test_metadata_of_the_wrong_type_is_one_line(trained, tmp_path, image, key, value):
+    m = onnx.load(str(trained.onnx))
+    next(p for p in m.metadata_props if p.key == key).value = value
+    onnx.save(m, str(tmp_path / "meta.onnx"))
+    line = one_line(cli("predict", tmp_path / "meta.onnx", image), 2)
+    assert key in line
+
+
+def test_all_nan_float_image_is_refused(trained, tmp_path):
+    p = tmp_path / "nan.tiff"
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), mode="F").save(p)
+    line = one_line(cli("predict", trained.onnx, p), 2)
+    assert "NaN" in line
