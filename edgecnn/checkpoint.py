@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -110,16 +111,36 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         num_classes = check_state_dict(sd)
     except ValueError as e:
         raise InvalidModelError(f"{path}: not a state_dict of edgecnn's Net: {e}") from None
-    names = [f"class_{i}" for i in range(num_classes)] if bare else list(obj.get("class_names") or [])
+    names = [f"class_{i}" for i in range(num_classes)] if bare else obj.get("class_names") or []
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InvalidModelError(f"{path}: class_names must be a list of strings, got {str(names)[:60]}")
     if len(names) != num_classes:
         raise InvalidModelError(f"{path}: {len(names)} class names for {num_classes} outputs")
     ck = Checkpoint(state_dict=sd, num_classes=num_classes, class_names=[str(n) for n in names],
                     sha256=sha256_file(path), bare=bare)
     if not bare:
-        ck.mean = [float(v) for v in obj.get("mean", DEFAULT_MEAN)]
-        ck.std = [float(v) for v in obj.get("std", DEFAULT_STD)]
-        ck.input_size = int(obj.get("input_size", INPUT_SIZE))
-        ck.summary = dict(obj.get("summary") or {})
-        if len(ck.mean) != 3 or len(ck.std) != 3 or min(ck.std) <= 0:
-            raise InvalidModelError(f"{path}: bad mean/std in checkpoint")
+        ck.mean = _triple(path, "mean", obj.get("mean", DEFAULT_MEAN))
+        ck.std = _triple(path, "std", obj.get("std", DEFAULT_STD), positive=True)
+        size = obj.get("input_size", INPUT_SIZE)
+        if isinstance(size, bool) or not isinstance(size, int) or size != INPUT_SIZE:
+            raise InvalidModelError(f"{path}: input_size {str(size)[:40]!r}: the Net takes {INPUT_SIZE}x{INPUT_SIZE} "
+                                    "images (its classifier is sized for them)")
+        ck.input_size = size
+        summary = obj.get("summary") or {}
+        if not isinstance(summary, dict):
+            raise InvalidModelError(f"{path}: 'summary' must be a dict, got {type(summary).__name__}")
+        ck.summary = dict(summary)
     return ck
+
+
+def _triple(path: Path, key: str, value, positive: bool = False) -> list[float]:
+    """Three finite numbers (std: > 0), or InvalidModelError naming the field and the value."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    vals = [float(v) for v in value] if ok else []
+    if not ok or not all(math.isfinite(v) for v in vals) or (positive and min(vals) <= 0):
+        need = "three finite numbers > 0" if positive else "three finite numbers"
+        raise InvalidModelError(f"{path}: {key} must be {need}, got {str(value)[:60]}")
+    return vals

@@ -50,8 +50,8 @@ def check_state_dict(sd: dict) -> int:
     num_classes = None
     for k, want in EXPECTED_SHAPES.items():
         t = sd[k]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"{k} is not a float tensor")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.layout != torch.strided:
+            raise ValueError(f"{k} is not a dense float tensor")
         got = tuple(t.shape)
         if len(got) != len(want):
             raise ValueError(f"{k} has shape {list(got)}, expected {list(want)}")
@@ -63,4 +63,7 @@ def check_state_dict(sd: dict) -> int:
                     raise ValueError(f"{k} has shape {list(got)}: class counts disagree")
             elif g != w:
                 raise ValueError(f"{k} has shape {list(got)}, expected {[num_classes if x == 'C' else x for x in want]}")
+    for k in EXPECTED_SHAPES:
+        if not bool(torch.isfinite(sd[k]).all()):
+            raise ValueError(f"tensor {k} holds NaN or Inf")
     return int(num_classes)

@@ -15,6 +15,7 @@ Rules (ARCHITECTURE.md, README "Default tolerances"):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -244,13 +245,12 @@ def make_inputs(mean, std, class_names: list[str] | None = None, data: str | os.
     Labels are kept when the data set's classes are ``class_names``."""
     from edgecnn.runtimes.preprocess import normalize
 
-    from .data import image_folder, synthetic_dataset
+    from .data import image_folder
 
     rng = np.random.default_rng(seed)
     raw = {"random": rng.integers(0, 256, size=(n_random, 64, 64, 3), dtype=np.uint8)}
     if dataset is None and n_data > 0:
-        dataset = (synthetic_dataset(per_class=max(1, -(-n_data // 6)), seed=seed) if data is None
-                   else image_folder(data))
+        dataset = _builtin(max(1, -(-n_data // 6)), seed) if data is None else image_folder(data)
     labels = names = None
     source = f"{n_random} random images"
     if dataset is not None and n_data > 0:
@@ -266,6 +266,17 @@ def make_inputs(mean, std, class_names: list[str] | None = None, data: str | os.
     # Random *normalized* inputs exercise the whole float range, not only what pixels can give.
     batches["random"] = rng.standard_normal(batches["random"].shape).astype(np.float32)
     return Inputs(batches, labels, names, raw, source, tuple(mean), tuple(std))
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(per_class: int, seed: int):
+    """The built-in set is drawn with Pillow (about 1 s for 300 images): drawn once per process."""
+    from .data import synthetic_dataset
+
+    ds = synthetic_dataset(per_class=per_class, seed=seed)
+    ds.images.setflags(write=False)
+    ds.labels.setflags(write=False)
+    return ds
 
 
 def reference_logits(ckpt, batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

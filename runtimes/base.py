@@ -143,6 +143,10 @@ class Runtime(ABC):
     def _set_input_spec(self, shape: tuple, dtype: str) -> None:
         """From the model's input (shape with None for symbolic axes, "float32"/"uint8"): layout and input_shape."""
         shape = tuple(shape)
+        if len(shape) == 4 and any(d is not None and not 0 < d <= 8192 for d in shape[1:]):
+            raise InvalidModelError(f"{self.model_path}: input dimensions {list(shape)} are out of range (1..8192)")
+        if dtype == "float32" and len(shape) == 4 and shape[1] != 3:
+            raise InvalidModelError(f"{self.model_path}: the input has {shape[1]} channels; the Net takes 3 (RGB)")
         if dtype == "uint8" and len(shape) == 4 and None not in shape[1:] and shape[3] == 3:
             self.input_layout = "NHWC-uint8"
             self.input_shape = (shape[0], shape[3], shape[1], shape[2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def _import_ort():
         import onnxruntime as ort
     except ImportError:
         raise MissingDependencyError("onnxruntime", "device", "the ort-* runtimes") from None
+    if not os.environ.get("EDGECNN_DEBUG"):
+        # ORT's own (coloured) log lines would precede edgecnn's one-line error on stderr: edgecnn
+        # reports what failed itself. EDGECNN_DEBUG=1 shows them.
+        ort.set_default_logger_severity(4)
     return ort
 
 
@@ -90,7 +95,8 @@ class _OrtRuntime(Runtime):
             so.intra_op_num_threads = self.threads
         if not self.options.get("spinning", True):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
+        # 4 (fatal only): ORT's coloured log lines would precede edgecnn's one-line error (EDGECNN_DEBUG=1 shows them)
+        so.log_severity_level = 0 if os.environ.get("EDGECNN_DEBUG") else 4
         return so
 
     def provider_list(self) -> list:
@@ -127,14 +133,21 @@ class _OrtRuntime(Runtime):
         self._set_input_spec(_shape_of(inputs[0]), dtype)
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        self._metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            self._metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        except UnicodeDecodeError:
+            raise InvalidModelError(f"{self.model_path}: its metadata is not valid UTF-8") from None
 
     @property
     def device(self) -> str:
         return self.session.get_providers()[0].replace("ExecutionProvider", "")
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        try:
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        except Exception as e:  # noqa: BLE001 - a graph that loads but cannot run a valid input is invalid
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InvalidModelError(f"{self.model_path}: ONNX Runtime cannot run it: {first[:200]}") from None
 
     def close(self) -> None:
         self.__dict__.pop("session", None)

@@ -22,7 +22,11 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 def _open(path: str | os.PathLike) -> Image.Image:
     p = Path(path)
-    if not p.is_file():
+    try:
+        exists = p.is_file()
+    except OSError as e:  # ENAMETOOLONG, EACCES on a parent, ...
+        raise InvalidInputError(f"{p!s:.120}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if not exists:
         raise InvalidInputError(f"{p}: no such image file")
     try:
         with Image.open(p) as im:
