@@ -122,6 +122,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         ck.mean = _triple(path, "mean", obj.get("mean", DEFAULT_MEAN))
         ck.std = _triple(path, "std", obj.get("std", DEFAULT_STD), positive=True)
         size = obj.get("input_size", INPUT_SIZE)
+        if isinstance(size, float) and size.is_integer():
+            size = int(size)
         if isinstance(size, bool) or not isinstance(size, int) or size != INPUT_SIZE:
             raise InvalidModelError(f"{path}: input_size {str(size)[:40]!r}: the Net takes {INPUT_SIZE}x{INPUT_SIZE} "
                                     "images (its classifier is sized for them)")

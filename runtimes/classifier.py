@@ -74,12 +74,15 @@ class Classifier:
         _, _, h, w = self.runtime.input_shape
         if h != w:
             raise InvalidModelError(f"{model_path}: expected a square input, got {h}x{w}")
-        num_classes = self.runtime.run(self.runtime.dummy_input()).shape[-1]
+        probe = self.runtime.run(self.runtime.dummy_input())
+        num_classes = probe.shape[-1]
         meta = self.runtime.metadata()
         self.info = ModelInfo.from_metadata(meta, num_classes, h)
         # Models exported with --embed-preprocessing take uint8 RGB pixels (N, H, W, 3) and may end in Softmax.
         self.embedded_preprocessing = self.runtime.input_layout == "NHWC-uint8"
         self.embedded_softmax = meta.get("embedded_softmax") == "1"
+        if self.embedded_softmax:
+            self._check_probabilities(probe)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -97,7 +100,16 @@ class Classifier:
 
     def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
         out = self.run(self.preprocess(self._as_list(images)))
-        return out if self.embedded_softmax else softmax(out)
+        if not self.embedded_softmax:
+            return softmax(out)
+        self._check_probabilities(out)
+        return out
+
+    def _check_probabilities(self, out: np.ndarray) -> None:
+        """The metadata says the graph ends in Softmax: its outputs must be probabilities, or it is lying."""
+        if out.min() < -1e-6 or out.max() > 1 + 1e-6 or np.abs(out.sum(axis=1) - 1).max() > 1e-3:
+            raise InvalidModelError(f"{self.runtime.model_path}: its metadata says the graph ends in Softmax, "
+                                    "but its outputs are not probabilities")
 
     def classify(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 1) -> list[list[tuple[str, float]]]:
         """Images (paths, PIL images, uint8 HWC arrays) -> per image, the top_k (label, probability)."""

@@ -84,3 +84,68 @@ def test_all_nan_float_image_is_refused(trained, tmp_path):
     Image.fromarray(np.full((16, 16), np.nan, np.float32), mode="F").save(p)
     line = one_line(cli("predict", trained.onnx, p), 2)
     assert "NaN" in line
+
+
+def test_an_image_name_the_os_refuses_is_one_line(trained):
+    line = one_line(cli("predict", trained.onnx, "x" * 300 + ".png"), 2)
+    assert "File name too long" in line
+
+
+def test_metadata_that_is_not_utf8_is_an_invalid_model(trained, tmp_path, image):
+    data = trained.onnx.read_bytes()
+    at = data.find(b'"circle"') if b'"circle"' in data else data.find(b"class_0")
+    bad = bytearray(data)
+    bad[at + 2] = 0xFF  # same length, no longer UTF-8
+    (tmp_path / "utf.onnx").write_bytes(bytes(bad))
+    line = one_line(cli("predict", tmp_path / "utf.onnx", image), 2)
+    assert "utf" in line.lower() or "metadata" in line
+
+
+@pytest.mark.parametrize("dims,expect", [([1, 1, 64, 64], "1 channels"), ([1, 4, 64, 64], "4 channels"),
+                                         ([1, 3, 2**62, 64], "out of range")])
+def test_input_shapes_the_net_cannot_take(trained, tmp_path, image, dims, expect):
+    m = onnx.load(str(trained.onnx))
+    for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, dims, strict=True):
+        d.dim_value = v
+    onnx.save(m, str(tmp_path / "shape.onnx"))
+    line = one_line(cli("predict", tmp_path / "shape.onnx", image), 2)
+    assert expect in line
+
+
+def test_a_graph_that_fails_at_run_time_is_one_clean_line(trained, tmp_path, image):
+    """A zero-size classifier bias loads but cannot run: one edgecnn line, none of ORT's own log lines."""
+    m = onnx.load(str(trained.onnx))
+    g = next(n for n in m.graph.node if n.op_type == "Gemm")
+    t = next(x for x in m.graph.initializer if x.name == g.input[2])
+    t.CopyFrom(numpy_helper.from_array(np.zeros((0,), np.float32), t.name))
+    onnx.save(m, str(tmp_path / "bias.onnx"))
+    r = cli("predict", tmp_path / "bias.onnx", image)
+    line = one_line(r, 2)  # one_line asserts stderr holds this line and nothing else
+    assert "invalid" in line.lower() or "cannot run" in line
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("mean", "0.5", "mean must be three finite numbers"), ("std", [0.0, 1.0, 1.0], "std must be"),
+    ("input_size", "big", "input_size"), ("input_size", 2**40, "input_size"), ("input_size", 0, "input_size"),
+    ("summary", [1, 2], "summary"), ("class_names", 5, "class_names")])
+def test_checkpoint_fields_are_validated(trained, tmp_path, field, value, expect):
+    import torch
+
+    obj = torch.load(trained.pt, weights_only=True)
+    obj[field] = value
+    torch.save(obj, tmp_path / "c.pt")
+    line = one_line(cli("export", tmp_path / "c.pt", "-o", tmp_path / "c.onnx"), 2)
+    assert expect in line and not (tmp_path / "c.onnx").exists()
+
+
+def test_sparse_or_non_finite_tensors_are_named(trained, tmp_path):
+    import torch
+
+    obj = torch.load(trained.pt, weights_only=True)
+    sd = dict(obj["state_dict"])
+    sd["classifier.bias"] = sd["classifier.bias"].to_sparse()
+    torch.save({**obj, "state_dict": sd}, tmp_path / "sparse.pt")
+    assert "classifier.bias" in one_line(cli("export", tmp_path / "sparse.pt"), 2)
+    sd["classifier.bias"] = obj["state_dict"]["classifier.bias"] * float("inf")
+    torch.save({**obj, "state_dict": sd}, tmp_path / "inf.pt")
+    assert "classifier.bias holds NaN or Inf" in one_line(cli("export", tmp_path / "inf.pt"), 2)
