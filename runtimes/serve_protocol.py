@@ -1,0 +1,243 @@
+"""The KServe v2 / Open Inference Protocol over HTTP: request parsing and response encoding. Torch-free.
+
+JSON tensors and the binary tensor data extension (what ``tritonclient.http`` sends by default):
+the body is the JSON object followed by the tensors' bytes in input order, the
+``Inference-Header-Content-Length`` header gives the JSON's length, ``binary_data_size`` each
+tensor's; BYTES elements are a 4-byte little-endian length followed by the bytes. Outputs are
+binary when ``binary_data`` (per output) or ``binary_data_output`` (per request) asks. The
+classification extension (``"classification": k`` on an output) returns BYTES
+``"<value>:<index>:<label>"``, k per row, highest first.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgecnn.errors import InvalidInputError
+
+# v2 datatype <-> numpy; BYTES is handled apart (a list of bytes objects).
+NUMPY_OF = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8,
+            "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32,
+            "UINT64": np.uint64, "BOOL": np.bool_}
+V2_OF = {np.dtype(v): k for k, v in NUMPY_OF.items()}
+
+
+class ProtocolError(InvalidInputError):
+    """A request the server refuses, with its HTTP status (400 unless said otherwise)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None  # None: every output of the model
+    binary_default: bool
+    parameters: dict = field(default_factory=dict)
+
+
+def _shape(value, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in value):
+        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+def decode_bytes_tensor(raw: bytes | memoryview, count: int, name: str) -> list[bytes]:
+    """BYTES binary data: ``count`` elements, each a uint32 little-endian length then the bytes."""
+    out, i, n = [], 0, len(raw)
+    for _ in range(count):
+        if i + 4 > n:
+            raise ProtocolError(f"input {name!r}: BYTES data ends inside an element's length")
+        (size,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + size > n:
+            raise ProtocolError(f"input {name!r}: BYTES element of {size} bytes runs past the data")
+        out.append(bytes(raw[i : i + size]))
+        i += size
+    if i != n:
+        raise ProtocolError(f"input {name!r}: {n - i} bytes left after {count} BYTES elements")
+    return out
+
+
+def encode_bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _flatten_nested(data) -> list:
+    out: list = []
+
+    def walk(x, depth):
+        if depth > 32:
+            raise ProtocolError("tensor data nested too deeply")
+        for e in x:
+            walk(e, depth + 1) if isinstance(e, list) else out.append(e)
+
+    walk(data, 0)
+    return out
+
+
+def _json_input(spec: dict, name: str, datatype: str, shape: tuple[int, ...]):
+    count = int(np.prod(shape)) if shape else 1
+    if "data" not in spec:
+        raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
+    flat = _flatten_nested(spec["data"]) if isinstance(spec["data"], list) else None
+    if flat is None:
+        raise ProtocolError(f"input {name!r}: 'data' must be a list")
+    if len(flat) != count:
+        raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
+    if datatype == "BYTES":
+        out = []
+        for e in flat:
+            if not isinstance(e, str):
+                raise ProtocolError(f"input {name!r}: BYTES elements in JSON must be strings (base64 for images)")
+            try:
+                out.append(base64.b64decode(e, validate=True))
+            except ValueError:
+                raise ProtocolError(f"input {name!r}: a BYTES element is not valid base64") from None
+        return out
+    try:
+        return np.asarray(flat, dtype=NUMPY_OF[datatype]).reshape(shape)
+    except (TypeError, ValueError, OverflowError):
+        raise ProtocolError(f"input {name!r}: 'data' does not hold {datatype} numbers") from None
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """The body of POST .../infer (and its Inference-Header-Content-Length header) -> an InferRequest."""
+    if header_length is not None:
+        try:
+            json_len = int(header_length)
+        except ValueError:
+            raise ProtocolError("Inference-Header-Content-Length is not an integer") from None
+        if not 0 < json_len <= len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {json_len} is outside the body ({len(body)} bytes)")
+    else:
+        json_len = len(body)
+    try:
+        req = json.loads(bytes(body[:json_len]))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("the request is not a JSON object (binary data needs Inference-Header-Content-Length)") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise ProtocolError("the request needs a non-empty 'inputs' list")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object")
+    binary = memoryview(body)[json_len:]
+    offset = 0
+    inputs = []
+    for spec in req["inputs"]:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ProtocolError("each input needs a 'name'")
+        name = spec["name"]
+        datatype = spec.get("datatype")
+        if datatype != "BYTES" and datatype not in NUMPY_OF:
+            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
+        shape = _shape(spec.get("shape"), name)
+        count = int(np.prod(shape)) if shape else 1
+        p = spec.get("parameters") or {}
+        size = p.get("binary_data_size") if isinstance(p, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the body")
+            raw = binary[offset : offset + size]
+            offset += size
+            if datatype == "BYTES":
+                data = decode_bytes_tensor(raw, count, name)
+            else:
+                itemsize = np.dtype(NUMPY_OF[datatype]).itemsize
+                if size != count * itemsize:
+                    raise ProtocolError(f"input {name!r}: shape {list(shape)} of {datatype} needs "
+                                        f"{count * itemsize} bytes, binary_data_size is {size}")
+                data = np.frombuffer(raw, dtype=np.dtype(NUMPY_OF[datatype]).newbyteorder("<")).reshape(shape)
+        else:
+            data = _json_input(spec, name, datatype, shape)
+        inputs.append(InputTensor(name, datatype, shape, data))
+    if offset != len(binary):
+        raise ProtocolError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    outputs = None
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise ProtocolError("'outputs' must be a list")
+        outputs = []
+        for o in req["outputs"]:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise ProtocolError("each requested output needs a 'name'")
+            op = o.get("parameters") or {}
+            if not isinstance(op, dict):
+                raise ProtocolError(f"output {o['name']!r}: 'parameters' must be an object")
+            k = op.get("classification", 0)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise ProtocolError(f"output {o['name']!r}: classification must be a non-negative integer")
+            b = op.get("binary_data")
+            outputs.append(RequestedOutput(o["name"], bool(params.get("binary_data_output", False)) if b is None
+                                           else bool(b), k))
+    rid = req.get("id")
+    return InferRequest(str(rid) if rid is not None else None, inputs, outputs,
+                        bool(params.get("binary_data_output", False)), params)
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]
+    binary: bool
+
+
+def encode_infer_response(model_name: str, model_version: str, rid: str | None,
+                          outputs: list[OutputTensor]) -> tuple[bytes, int | None]:
+    """-> (body, JSON length for Inference-Header-Content-Length, or None when the body is all JSON)."""
+    items, blobs = [], []
+    for o in outputs:
+        item: dict = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
+        if o.binary:
+            raw = (encode_bytes_tensor(o.data) if o.datatype == "BYTES"
+                   else np.ascontiguousarray(o.data, dtype=np.dtype(NUMPY_OF[o.datatype]).newbyteorder("<")).tobytes())
+            item["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif o.datatype == "BYTES":
+            item["data"] = [b.decode("utf-8", "replace") for b in o.data]
+        else:
+            item["data"] = np.asarray(o.data).ravel().tolist()
+        items.append(item)
+    resp: dict = {"model_name": model_name, "model_version": model_version, "outputs": items}
+    if rid is not None:
+        resp["id"] = rid
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+def classification(values: np.ndarray, k: int, labels: tuple[str, ...]) -> list[bytes]:
+    """Triton's classification extension: per row the top k as b"<value>:<index>:<label>", highest first."""
+    k = min(k, values.shape[1])
+    out = []
+    for row in values:
+        idx = np.argsort(-row, kind="stable")[:k]
+        out.extend(f"{float(row[i]):.6g}:{int(i)}:{labels[i]}".encode() for i in idx)
+    return out
