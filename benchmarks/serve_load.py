@@ -1,0 +1,280 @@
+"""Load test of `edgecnn serve`: 32 concurrent clients sending batch-1 requests, batched vs unbatched server.
+
+    python benchmarks/serve_load.py [--clients 32] [--seconds 6] [--out benchmarks/results] [-O spinning=false]
+
+In one run, on loopback only: the runtime's offline batch-64 throughput (tensor input, and JPEG
+decode + preprocessing + model for the image figure), then the server started twice, with dynamic
+batching (--max-batch 64 --max-delay-ms 2) and without (--max-batch 1: one request at a time), each
+loaded for a bounded time by N clients that send batch-1 requests, as float32 tensors (binary tensor
+extension) and as JPEG bytes (BYTES input). Every answer is checked against the expected logits of
+its own input (each client sends its own distinct inputs). The load generator is one asyncio process
+(uvloop when installed) writing pre-encoded HTTP/1.1 requests on keep-alive connections and reading
+Content-Length-framed answers: far less CPU per request than a client library, since it shares the
+machine's cores with the server. Writes serve.md and serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+OFFLINE_BATCH = 64
+
+
+def make_model(folder: Path) -> Path:
+    """The default Net (random weights; speed does not depend on them), exported as users do: fixed batch 1."""
+    import torch
+    from edgecnn.exporters.onnx import export
+
+    from edgecnn.checkpoint import Checkpoint, save_checkpoint
+    from edgecnn.model import Net
+
+    torch.manual_seed(0)
+    names = ["circle", "square", "triangle", "cross", "stripes", "checker"]
+    save_checkpoint(Checkpoint(Net(6).state_dict(), 6, names), folder / "model.pt")
+    return export(folder / "model.pt", folder / "model.onnx", check=False).path
+
+
+def jpeg_bytes(images: np.ndarray) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def offline(model: Path, x: np.ndarray, jpegs: list[bytes], seconds: float, options: dict) -> dict:
+    """Batch-64 throughput of the same runtime on the same (relaxed) model, in this process."""
+    from edgecnn.runtimes.serve import ServedModel
+    from PIL import Image
+
+    m = ServedModel(model, relax=True, **options)
+    batch = np.ascontiguousarray(np.concatenate([x] * (OFFLINE_BATCH // len(x) + 1))[:OFFLINE_BATCH])
+    blobs = (jpegs * (OFFLINE_BATCH // len(jpegs) + 1))[:OFFLINE_BATCH]
+    res = {}
+    for kind in ("tensor", "image"):
+        for _ in range(5):
+            m.clf.run(batch)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            if kind == "tensor":
+                m.clf.run(batch)
+            else:
+                m.clf.run(m.clf.preprocess([Image.open(io.BytesIO(b)) for b in blobs]))
+            n += OFFLINE_BATCH
+        res[kind] = n / (time.perf_counter() - t0)
+    res["batching"] = m.batching
+    m.close()
+    return res
+
+
+def encode_request(name: str, kind: str, payload, json_only: bool = False) -> bytes:
+    """One pre-encoded HTTP/1.1 POST of a batch-1 v2 inference request (binary tensor extension)."""
+    if kind == "tensor":
+        raw = np.ascontiguousarray(payload, dtype="<f4").tobytes()
+        inp = {"name": "input", "datatype": "FP32", "shape": list(payload.shape),
+               "parameters": {"binary_data_size": len(raw)}}
+    else:
+        raw = len(payload).to_bytes(4, "little") + payload
+        inp = {"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw)}}
+    head = json.dumps({"inputs": [inp], "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    body = head + raw
+    return (f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _client(port: int, requests: list[bytes], expected: list[np.ndarray], t_end: float, t_measure: float,
+                  max_requests: int, out: dict) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lat, i, bad = [], 0, 0
+    try:
+        while time.perf_counter() < t_end and i < max_requests:
+            k = i % len(requests)
+            t0 = time.perf_counter()
+            writer.write(requests[k])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            body = await reader.readexactly(int(m.group(1)))
+            t1 = time.perf_counter()
+            hm = re.search(rb"(?i)\r\ninference-header-content-length: *(\d+)", head)
+            got = np.frombuffer(body[int(hm.group(1)):], "<f4") if (status == 200 and hm) else None
+            if got is None or not np.allclose(got, expected[k].ravel(), rtol=1e-3, atol=1e-5):
+                bad += 1
+            if t0 >= t_measure:
+                lat.append(t1 - t0)
+            i += 1
+    finally:
+        writer.close()
+    out.setdefault("lat", []).extend(lat)
+    out["bad"] = out.get("bad", 0) + bad
+    out["sent"] = out.get("sent", 0) + i
+
+
+async def _load(port: int, per_client: list[tuple[list[bytes], list[np.ndarray]]], warmup: float, seconds: float,
+                max_requests: int) -> dict:
+    out: dict = {}
+    t_measure = time.perf_counter() + warmup
+    t_end = t_measure + seconds
+    await asyncio.gather(*[_client(port, reqs, exp, t_end, t_measure, max_requests, out) for reqs, exp in per_client])
+    lat = np.asarray(out["lat"])
+    return {"requests_measured": len(lat), "throughput": len(lat) / seconds,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
+            "wrong_answers": out["bad"], "sent": out["sent"]}
+
+
+def start_server(model: Path, folder: Path, max_batch: int, options: dict) -> tuple[subprocess.Popen, int, Path]:
+    log = folder / f"server_b{max_batch}.log"
+    opts = [a for k, v in options.items() for a in ("-O", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "edgecnn", "serve", str(model), "--port", "0", "--host", "127.0.0.1",
+           "--max-batch", str(max_batch), "--max-delay-ms", "2", *opts]
+    f = open(log, "w")  # noqa: SIM115 - the server process owns it
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
+        if m:
+            return proc, int(m.group(1)), log
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {log.read_text()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server did not start in 120 s")
+
+
+def batch_stats(port: int) -> tuple[float, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    s = float(re.search(r"^edgecnn_batch_size_sum ([\d.e+]+)$", text, re.M).group(1))
+    c = float(re.search(r"^edgecnn_batch_size_count ([\d.e+]+)$", text, re.M).group(1))
+    return s, c
+
+
+def run(clients: int, seconds: float, warmup: float, options: dict) -> dict:
+    from edgecnn.runtimes import Classifier
+
+    from edgecnn.data import synthetic_dataset
+    from edgecnn.machine import describe
+
+    try:
+        import uvloop
+
+        runner = uvloop.run
+        client_loop = "uvloop"
+    except ImportError:
+        runner, client_loop = asyncio.run, "asyncio"
+    with tempfile.TemporaryDirectory(prefix="edgecnn-serve-bench-") as td:
+        folder = Path(td)
+        model = make_model(folder)
+        ds = synthetic_dataset(max(1, (clients * 4) // 6 + 1), seed=5)
+        images = ds.images[: clients * 4]
+        jpegs = jpeg_bytes(images)
+        with Classifier(model, **options) as clf:
+            x = clf.preprocess(list(images))
+            ref_tensor = [clf.run(x[i : i + 1]) for i in range(len(x))]
+            from PIL import Image
+
+            ref_image = [clf.run(clf.preprocess([Image.open(io.BytesIO(b))])) for b in jpegs]
+        off = offline(model, x, jpegs, max(2.0, seconds / 2), options)
+        rows = []
+        for max_batch in (64, 1):
+            proc, port, log = start_server(model, folder, max_batch, options)
+            try:
+                for kind in ("tensor", "image"):
+                    per_client = []
+                    for c in range(clients):  # each client its own 4 distinct inputs
+                        idx = range(c * 4, c * 4 + 4)
+                        if kind == "tensor":
+                            reqs = [encode_request("model", kind, x[i : i + 1]) for i in idx]
+                            exp = [ref_tensor[i] for i in idx]
+                        else:
+                            reqs = [encode_request("model", kind, jpegs[i]) for i in idx]
+                            exp = [ref_image[i] for i in idx]
+                        per_client.append((reqs, exp))
+                    s0, c0 = batch_stats(port)
+                    res = runner(_load(port, per_client, warmup, seconds, max_requests=200_000))
+                    s1, c1 = batch_stats(port)
+                    res.update(kind=kind, max_batch=max_batch, mean_batch=(s1 - s0) / max(c1 - c0, 1))
+                    rows.append(res)
+                    print(f"max-batch {max_batch:3d} {kind:6s}: {res['throughput']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
+                          f"  p99 {res['p99_ms']:.2f} ms  mean batch {res['mean_batch']:.1f}  wrong {res['wrong_answers']}",
+                          file=sys.stderr)
+            finally:
+                proc.terminate()
+                rc = proc.wait(60)
+                rows[-1]["server_exit"] = rc
+    return {"machine": f"{describe()}, Python {sys.version.split()[0]}", "clients": clients, "seconds": seconds,
+            "warmup": warmup, "options": options, "offline_b64": off, "rows": rows, "client": f"asyncio ({client_loop}), "
+            "pre-encoded HTTP/1.1 keep-alive requests, one connection per client, one process"}
+
+
+def write(res: dict, out: Path, command: str) -> None:
+    off = res["offline_b64"]
+    by = {(r["kind"], r["max_batch"]): r for r in res["rows"]}
+    lines = [
+        "# `edgecnn serve` under load (one run, one machine, loopback)", "",
+        f"Machine: {res['machine']}. Command: `{command}`", "",
+        f"{res['clients']} concurrent clients, each sending batch-1 requests back to back for {res['seconds']:g} s "
+        f"(after {res['warmup']:g} s warm-up), every answer checked against its own input's logits. Client: "
+        f"{res['client']}. Server: ort-cpu{' ' + str(res['options']) if res['options'] else ''}, the default "
+        f"fixed-batch export served through its relaxed copy ({off['batching']}).", "",
+        "| input | server | req/s | p50 ms | p99 ms | mean batch | vs offline b64 | vs unbatched | wrong answers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("tensor", "image"):
+        ub = by[(kind, 1)]["throughput"]
+        for mb in (64, 1):
+            r = by[(kind, mb)]
+            name = "batched (--max-batch 64 --max-delay-ms 2)" if mb == 64 else "unbatched (--max-batch 1)"
+            lines.append(f"| {kind} | {name} | {r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                         f"{r['mean_batch']:.1f} | {r['throughput'] / off[kind]:.0%} | {r['throughput'] / ub:.2f}x | "
+                         f"{r['wrong_answers']} |")
+    lines += ["", "Offline batch-64 throughput of the same runtime and model, measured in the same run: "
+              f"tensor {off['tensor']:,.0f} img/s; image (JPEG decode + preprocessing + model) {off['image']:,.0f} img/s.",
+              "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for kind in ("tensor", "image"):
+        b, ub = by[(kind, 64)]["throughput"], by[(kind, 1)]["throughput"]
+        lines.append(f"| {kind}: batched >= 50% of offline b64 | {b / off[kind]:.0%} | {'yes' if b >= 0.5 * off[kind] else 'no'} |")
+        lines.append(f"| {kind}: batched >= 5x unbatched | {b / ub:.2f}x | {'yes' if b >= 5 * ub else 'no'} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.md").write_text("\n".join(lines) + "\n")
+    (out / "serve.json").write_text(json.dumps(res, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--warmup", type=float, default=1.5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("-O", "--option", action="append", default=[], help="runtime option KEY=VALUE")
+    a = ap.parse_args()
+    options = {}
+    for item in a.option:
+        k, _, v = item.partition("=")
+        options[k] = {"true": True, "false": False}.get(v.lower(), v)
+    if not 1 <= a.clients <= 256 or not 0 < a.seconds <= 60:
+        raise SystemExit("--clients must be 1-256 and --seconds 0-60")
+    res = run(a.clients, a.seconds, a.warmup, options)
+    write(res, a.out, "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
