@@ -77,7 +77,21 @@ def offline(model: Path, x: np.ndarray, jpegs: list[bytes], seconds: float, opti
                 m.clf.run(m.clf.preprocess([Image.open(io.BytesIO(b)) for b in blobs]))
             n += OFFLINE_BATCH
         res[kind] = n / (time.perf_counter() - t0)
+    # Batch 1, one call at a time: the ceiling of a server that does not batch.
+    one = np.ascontiguousarray(batch[:1])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2:
+        m.clf.run(one)
+        n += 1
+    res["tensor_b1"] = n / (time.perf_counter() - t0)
     res["batching"] = m.batching
+    # CPU cost of the model alone per image at batch 64 (both intra-op threads counted).
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds / 2:
+        m.clf.run(batch)
+        n += OFFLINE_BATCH
+    res["tensor_cpu_us_per_image"] = (time.process_time() - c0) / n * 1e6
     m.close()
     return res
 
@@ -156,6 +170,14 @@ def start_server(model: Path, folder: Path, max_batch: int, options: dict) -> tu
     raise SystemExit("server did not start in 120 s")
 
 
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def batch_stats(port: int) -> tuple[float, float]:
     import urllib.request
 
@@ -207,9 +229,15 @@ def run(clients: int, seconds: float, warmup: float, options: dict) -> dict:
                             exp = [ref_image[i] for i in idx]
                         per_client.append((reqs, exp))
                     s0, c0 = batch_stats(port)
+                    cpu0, mine0, wall0 = _cpu(proc.pid), time.process_time(), time.perf_counter()
                     res = runner(_load(port, per_client, warmup, seconds, max_requests=200_000))
+                    cpu1, mine1, wall1 = _cpu(proc.pid), time.process_time(), time.perf_counter()
                     s1, c1 = batch_stats(port)
-                    res.update(kind=kind, max_batch=max_batch, mean_batch=(s1 - s0) / max(c1 - c0, 1))
+                    n = max(res["sent"], 1)
+                    res.update(kind=kind, max_batch=max_batch, mean_batch=(s1 - s0) / max(c1 - c0, 1),
+                               server_cpu_us_per_request=(cpu1 - cpu0) / n * 1e6,
+                               client_cpu_us_per_request=(mine1 - mine0) / n * 1e6,
+                               server_cores_busy=(cpu1 - cpu0) / (wall1 - wall0))
                     rows.append(res)
                     print(f"max-batch {max_batch:3d} {kind:6s}: {res['throughput']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
                           f"  p99 {res['p99_ms']:.2f} ms  mean batch {res['mean_batch']:.1f}  wrong {res['wrong_answers']}",
@@ -218,7 +246,8 @@ def run(clients: int, seconds: float, warmup: float, options: dict) -> dict:
                 proc.terminate()
                 rc = proc.wait(60)
                 rows[-1]["server_exit"] = rc
-    return {"machine": f"{describe()}, Python {sys.version.split()[0]}", "clients": clients, "seconds": seconds,
+    return {"machine": f"{describe()}, Python {sys.version.split()[0]}", "load_average_at_end": os.getloadavg(),
+            "clients": clients, "seconds": seconds,
             "warmup": warmup, "options": options, "offline_b64": off, "rows": rows, "client": f"asyncio ({client_loop}), "
             "pre-encoded HTTP/1.1 keep-alive requests, one connection per client, one process"}
 
@@ -233,8 +262,9 @@ def write(res: dict, out: Path, command: str) -> None:
         f"(after {res['warmup']:g} s warm-up), every answer checked against its own input's logits. Client: "
         f"{res['client']}. Server: ort-cpu{' ' + str(res['options']) if res['options'] else ''}, the default "
         f"fixed-batch export served through its relaxed copy ({off['batching']}).", "",
-        "| input | server | req/s | p50 ms | p99 ms | mean batch | vs offline b64 | vs unbatched | wrong answers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| input | server | req/s | p50 ms | p99 ms | mean batch | vs offline b64 | vs unbatched | wrong answers "
+        "| server CPU µs/req | client CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("tensor", "image"):
         ub = by[(kind, 1)]["throughput"]
@@ -243,9 +273,15 @@ def write(res: dict, out: Path, command: str) -> None:
             name = "batched (--max-batch 64 --max-delay-ms 2)" if mb == 64 else "unbatched (--max-batch 1)"
             lines.append(f"| {kind} | {name} | {r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                          f"{r['mean_batch']:.1f} | {r['throughput'] / off[kind]:.0%} | {r['throughput'] / ub:.2f}x | "
-                         f"{r['wrong_answers']} |")
+                         f"{r['wrong_answers']} | {r['server_cpu_us_per_request']:.0f} | "
+                         f"{r['client_cpu_us_per_request']:.0f} |")
     lines += ["", "Offline batch-64 throughput of the same runtime and model, measured in the same run: "
-              f"tensor {off['tensor']:,.0f} img/s; image (JPEG decode + preprocessing + model) {off['image']:,.0f} img/s.",
+              f"tensor {off['tensor']:,.0f} img/s; image (JPEG decode + preprocessing + model) {off['image']:,.0f} img/s. "
+              f"The model alone costs {off['tensor_cpu_us_per_image']:.0f} CPU µs per image at batch 64 (all its "
+              f"threads); the server's CPU per request above includes it. Offline batch 1, one call at a time (the "
+              f"ceiling of a server that does not batch): {off['tensor_b1']:,.0f} img/s, so batching the model itself "
+              f"gains at most {off['tensor'] / off['tensor_b1']:.2f}x here. Load average at the end of the run "
+              f"(other work on the machine): {', '.join(f'{v:.1f}' for v in res['load_average_at_end'])}.",
               "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for kind in ("tensor", "image"):
         b, ub = by[(kind, 64)]["throughput"], by[(kind, 1)]["throughput"]
