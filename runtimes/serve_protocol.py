@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -101,7 +102,7 @@ def _flatten_nested(data) -> list:
 
 
 def _json_input(spec: dict, name: str, datatype: str, shape: tuple[int, ...]):
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if "data" not in spec:
         raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
     flat = _flatten_nested(spec["data"]) if isinstance(spec["data"], list) else None
@@ -138,7 +139,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         json_len = len(body)
     try:
         req = json.loads(bytes(body[:json_len]))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("the request is not a JSON object (binary data needs Inference-Header-Content-Length)") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise ProtocolError("the request needs a non-empty 'inputs' list")
@@ -156,7 +157,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         if datatype != "BYTES" and datatype not in NUMPY_OF:
             raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}")
         shape = _shape(spec.get("shape"), name)
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         p = spec.get("parameters") or {}
         size = p.get("binary_data_size") if isinstance(p, dict) else None
         if size is not None:

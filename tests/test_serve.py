@@ -238,10 +238,11 @@ def test_bad_requests_get_4xx_with_a_json_error_and_the_server_keeps_serving(ser
 
 
 def _load(port: int, n_clients: int, per_client: int, inputs: np.ndarray, deadline: float, bad_every: int = 0,
-          stop_on_error: bool = False) -> list[list[tuple[int, int, bytes | None]]]:
-    """n_clients threads, each on its own keep-alive connection, sending per_client batch-1 requests of its
-    own inputs (client c, request i -> inputs[c * per_client + i]); every bad_every-th request is malformed.
-    Returns per client [(input index or -1 for malformed, status or -1 for a connection error, body)]."""
+          stop_on_error: bool = False, done: list | None = None) -> list[list[tuple[int, int, bytes | None]]]:
+    """n_clients threads, each on its own keep-alive connection, sending per_client batch-1 requests
+    (client c, request i -> inputs[(c * per_client + i) % len(inputs)]); every bad_every-th request is
+    malformed. Returns per client [(input index or -1 for malformed, status or -1 for a connection error,
+    body)]; ``done`` gets one item per answer as they come."""
     results: list[list] = [[] for _ in range(n_clients)]
 
     def client(c: int) -> None:
@@ -250,7 +251,7 @@ def _load(port: int, n_clients: int, per_client: int, inputs: np.ndarray, deadli
             for i in range(per_client):
                 if time.monotonic() > deadline:
                     return
-                k = c * per_client + i
+                k = (c * per_client + i) % len(inputs)
                 if bad_every and i % bad_every == bad_every - 1:
                     body, headers = _binary_request(np.zeros((1, 3, 63, 64), np.float32))
                     k = -1
@@ -260,6 +261,8 @@ def _load(port: int, n_clients: int, per_client: int, inputs: np.ndarray, deadli
                     conn.request("POST", "/v2/models/model/infer", body=body, headers=headers)
                     r = conn.getresponse()
                     results[c].append((k, r.status, r.read()))
+                    if done is not None:
+                        done.append(1)
                 except (OSError, http.client.HTTPException):
                     results[c].append((k, -1, None))
                     if stop_on_error:
@@ -317,14 +320,17 @@ def _batch_stats(server) -> tuple[float, float]:
 
 def test_sigterm_during_load_finishes_every_accepted_request_and_exits_0(trained, clf, tmp_path):
     s = Server(trained.onnx, tmp_path / "server.log", "--max-batch", "8", "--max-delay-ms", "20")
-    n_clients, per_client = 8, 400
-    inputs = np.random.default_rng(6).standard_normal((n_clients * per_client, 3, 64, 64)).astype(np.float32)
+    n_clients, per_client = 8, 100_000  # bounded by the signal, the deadline, and this count
+    inputs = np.random.default_rng(6).standard_normal((256, 3, 64, 64)).astype(np.float32)
     want = clf.run(inputs)
     box: dict = {}
+    done: list = []
     t = threading.Thread(target=lambda: box.update(r=_load(s.port, n_clients, per_client, inputs,
-                                                           time.monotonic() + 60, stop_on_error=True)))
+                                                           time.monotonic() + 60, stop_on_error=True, done=done)))
     t.start()
-    time.sleep(1.5)  # load is flowing
+    wait_until = time.monotonic() + 60
+    while len(done) < 50 and time.monotonic() < wait_until:  # load is flowing
+        time.sleep(0.02)
     rc = s.stop()
     t.join(120)
     assert not t.is_alive()
@@ -341,7 +347,8 @@ def test_sigterm_during_load_finishes_every_accepted_request_and_exits_0(trained
     assert m, s.log.read_text()
     accepted, served = int(m.group(1)), int(m.group(2))
     assert accepted == served == answered > 0
-    assert answered < n_clients * per_client  # the signal did land mid-load
+    # The signal landed mid-load: every client was still sending when the server went away.
+    assert all(per and per[-1][1] == -1 for per in box["r"])
 
 
 def test_bad_model_and_busy_port_fail_cleanly(trained, tmp_path, run_cli):
