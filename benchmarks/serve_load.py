@@ -1,16 +1,19 @@
 """Load test of `edgecnn serve`: 32 concurrent clients sending batch-1 requests, batched vs unbatched server.
 
-    python benchmarks/serve_load.py [--clients 32] [--seconds 6] [--out benchmarks/results] [-O spinning=false]
+    python benchmarks/serve_load.py [--clients 32] [--seconds 4] [--rounds 3] [--instances 1] [-O threads=1]
+                                    [--out benchmarks/results]
 
-In one run, on loopback only: the runtime's offline batch-64 throughput (tensor input, and JPEG
-decode + preprocessing + model for the image figure), then the server started twice, with dynamic
-batching (--max-batch 64 --max-delay-ms 2) and without (--max-batch 1: one request at a time), each
-loaded for a bounded time by N clients that send batch-1 requests, as float32 tensors (binary tensor
-extension) and as JPEG bytes (BYTES input). Every answer is checked against the expected logits of
-its own input (each client sends its own distinct inputs). The load generator is one asyncio process
-(uvloop when installed) writing pre-encoded HTTP/1.1 requests on keep-alive connections and reading
-Content-Length-framed answers: far less CPU per request than a client library, since it shares the
-machine's cores with the server. Writes serve.md and serve.json.
+In one run, on loopback only: two servers on the same model and runtime, one with dynamic batching
+(--max-batch 64 --max-delay-ms 2) and one without (--max-batch 1: one request at a time), and the
+runtime's offline batch-64 throughput (tensor input; and JPEG decode + preprocessing + model for the
+image figure) plus its batch-1 one-call-at-a-time figure. Each round measures offline, then loads
+each server for a bounded time with N clients that send batch-1 requests as float32 tensors (binary
+tensor extension) and as JPEG bytes (BYTES input); medians over the rounds are reported, so the
+other work on a shared machine weighs on every phase alike. Every answer is checked against the
+logits of its own input (each client sends its own distinct inputs). The load generator is one
+asyncio process (uvloop when installed) writing pre-encoded HTTP/1.1 requests on keep-alive
+connections and reading Content-Length-framed answers: little CPU per request, since it shares the
+machine's cores with the server (its CPU per request is in the table). Writes serve.md and serve.json.
 """
 
 from __future__ import annotations
@@ -151,11 +154,10 @@ async def _load(port: int, per_client: list[tuple[list[bytes], list[np.ndarray]]
             "wrong_answers": out["bad"], "sent": out["sent"]}
 
 
-def start_server(model: Path, folder: Path, max_batch: int, options: dict) -> tuple[subprocess.Popen, int, Path]:
-    log = folder / f"server_b{max_batch}.log"
+def start_server(model: Path, folder: Path, label: str, args: list[str], options: dict):
+    log = folder / f"server_{label}.log"
     opts = [a for k, v in options.items() for a in ("-O", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "edgecnn", "serve", str(model), "--port", "0", "--host", "127.0.0.1",
-           "--max-batch", str(max_batch), "--max-delay-ms", "2", *opts]
+    cmd = [sys.executable, "-m", "edgecnn", "serve", str(model), "--port", "0", "--host", "127.0.0.1", *args, *opts]
     f = open(log, "w")  # noqa: SIM115 - the server process owns it
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
@@ -187,8 +189,14 @@ def batch_stats(port: int) -> tuple[float, float]:
     return s, c
 
 
-def run(clients: int, seconds: float, warmup: float, options: dict) -> dict:
+SERVERS = {"batched": ["--max-batch", "64", "--max-delay-ms", "2"], "unbatched": ["--max-batch", "1"]}
+
+
+def run(clients: int, seconds: float, warmup: float, rounds: int, options: dict, instances: int) -> dict:
+    """Both servers stay up; rounds interleave offline, batched and unbatched phases so that the other
+    work on the machine weighs on all of them alike; each figure is the median over the rounds."""
     from edgecnn.runtimes import Classifier
+    from PIL import Image
 
     from edgecnn.data import synthetic_dataset
     from edgecnn.machine import describe
@@ -196,10 +204,11 @@ def run(clients: int, seconds: float, warmup: float, options: dict) -> dict:
     try:
         import uvloop
 
-        runner = uvloop.run
-        client_loop = "uvloop"
+        runner, client_loop = uvloop.run, "uvloop"
     except ImportError:
         runner, client_loop = asyncio.run, "asyncio"
+    servers = dict(SERVERS)
+    servers["batched"] = [*servers["batched"], "--instances", str(instances)]
     with tempfile.TemporaryDirectory(prefix="edgecnn-serve-bench-") as td:
         folder = Path(td)
         model = make_model(folder)
@@ -208,58 +217,67 @@ def run(clients: int, seconds: float, warmup: float, options: dict) -> dict:
         jpegs = jpeg_bytes(images)
         with Classifier(model, **options) as clf:
             x = clf.preprocess(list(images))
-            ref_tensor = [clf.run(x[i : i + 1]) for i in range(len(x))]
-            from PIL import Image
-
-            ref_image = [clf.run(clf.preprocess([Image.open(io.BytesIO(b))])) for b in jpegs]
-        off = offline(model, x, jpegs, max(2.0, seconds / 2), options)
-        rows = []
-        for max_batch in (64, 1):
-            proc, port, log = start_server(model, folder, max_batch, options)
-            try:
-                for kind in ("tensor", "image"):
-                    per_client = []
-                    for c in range(clients):  # each client its own 4 distinct inputs
-                        idx = range(c * 4, c * 4 + 4)
-                        if kind == "tensor":
-                            reqs = [encode_request("model", kind, x[i : i + 1]) for i in idx]
-                            exp = [ref_tensor[i] for i in idx]
-                        else:
-                            reqs = [encode_request("model", kind, jpegs[i]) for i in idx]
-                            exp = [ref_image[i] for i in idx]
-                        per_client.append((reqs, exp))
-                    s0, c0 = batch_stats(port)
-                    cpu0, mine0, wall0 = _cpu(proc.pid), time.process_time(), time.perf_counter()
-                    res = runner(_load(port, per_client, warmup, seconds, max_requests=200_000))
-                    cpu1, mine1, wall1 = _cpu(proc.pid), time.process_time(), time.perf_counter()
-                    s1, c1 = batch_stats(port)
-                    n = max(res["sent"], 1)
-                    res.update(kind=kind, max_batch=max_batch, mean_batch=(s1 - s0) / max(c1 - c0, 1),
-                               server_cpu_us_per_request=(cpu1 - cpu0) / n * 1e6,
-                               client_cpu_us_per_request=(mine1 - mine0) / n * 1e6,
-                               server_cores_busy=(cpu1 - cpu0) / (wall1 - wall0))
-                    rows.append(res)
-                    print(f"max-batch {max_batch:3d} {kind:6s}: {res['throughput']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
-                          f"  p99 {res['p99_ms']:.2f} ms  mean batch {res['mean_batch']:.1f}  wrong {res['wrong_answers']}",
-                          file=sys.stderr)
-            finally:
+            ref = {"tensor": [clf.run(x[i : i + 1]) for i in range(len(x))],
+                   "image": [clf.run(clf.preprocess([Image.open(io.BytesIO(b))])) for b in jpegs]}
+        reqs = {"tensor": [encode_request("model", "tensor", x[i : i + 1]) for i in range(len(x))],
+                "image": [encode_request("model", "image", b) for b in jpegs]}
+        procs = {name: start_server(model, folder, name, args, options) for name, args in servers.items()}
+        offs, samples = [], {}
+        try:
+            for rnd in range(rounds):
+                offs.append(offline(model, x, jpegs, max(1.0, seconds / 2), options))
+                for name, (proc, port, _) in procs.items():
+                    for kind in ("tensor", "image"):
+                        # each client its own 4 distinct inputs, checked against their own logits
+                        per_client = [([reqs[kind][i] for i in range(c * 4, c * 4 + 4)],
+                                       [ref[kind][i] for i in range(c * 4, c * 4 + 4)]) for c in range(clients)]
+                        s0, c0 = batch_stats(port)
+                        cpu0, mine0, wall0 = _cpu(proc.pid), time.process_time(), time.perf_counter()
+                        res = runner(_load(port, per_client, warmup, seconds, max_requests=200_000))
+                        cpu1, mine1, wall1 = _cpu(proc.pid), time.process_time(), time.perf_counter()
+                        s1, c1 = batch_stats(port)
+                        n = max(res["sent"], 1)
+                        res.update(kind=kind, server=name, round=rnd, mean_batch=(s1 - s0) / max(c1 - c0, 1),
+                                   server_cpu_us_per_request=(cpu1 - cpu0) / n * 1e6,
+                                   client_cpu_us_per_request=(mine1 - mine0) / n * 1e6,
+                                   server_cores_busy=(cpu1 - cpu0) / (wall1 - wall0))
+                        samples.setdefault((name, kind), []).append(res)
+                        print(f"round {rnd} {name:9s} {kind:6s}: {res['throughput']:8.0f} req/s  p50 "
+                              f"{res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms  mean batch {res['mean_batch']:.1f}"
+                              f"  wrong {res['wrong_answers']}  (offline b64 {offs[-1][kind]:,.0f})", file=sys.stderr)
+        finally:
+            exits = {}
+            for name, (proc, _, _) in procs.items():
                 proc.terminate()
-                rc = proc.wait(60)
-                rows[-1]["server_exit"] = rc
+                exits[name] = proc.wait(60)
+    rows = []
+    for (name, kind), rs in samples.items():
+        med = {k: float(np.median([r[k] for r in rs])) for k in ("throughput", "p50_ms", "p99_ms", "mean_batch",
+                                                                   "server_cpu_us_per_request",
+                                                                   "client_cpu_us_per_request", "server_cores_busy")}
+        med.update(server=name, kind=kind, wrong_answers=sum(r["wrong_answers"] for r in rs),
+                   requests=sum(r["sent"] for r in rs), server_exit=exits[name],
+                   per_round=[round(r["throughput"]) for r in rs])
+        rows.append(med)
+    off = {k: float(np.median([o[k] for o in offs])) for k in ("tensor", "image", "tensor_b1", "tensor_cpu_us_per_image")}
+    off["batching"] = offs[0]["batching"]
+    off["per_round"] = [{k: round(o[k]) for k in ("tensor", "image", "tensor_b1")} for o in offs]
     return {"machine": f"{describe()}, Python {sys.version.split()[0]}", "load_average_at_end": os.getloadavg(),
-            "clients": clients, "seconds": seconds,
-            "warmup": warmup, "options": options, "offline_b64": off, "rows": rows, "client": f"asyncio ({client_loop}), "
-            "pre-encoded HTTP/1.1 keep-alive requests, one connection per client, one process"}
+            "clients": clients, "seconds": seconds, "warmup": warmup, "rounds": rounds, "options": options,
+            "servers": servers, "offline_b64": off, "rows": rows,
+            "client": f"asyncio ({client_loop}), pre-encoded HTTP/1.1 keep-alive requests, one connection per "
+                      "client, one process"}
 
 
 def write(res: dict, out: Path, command: str) -> None:
     off = res["offline_b64"]
-    by = {(r["kind"], r["max_batch"]): r for r in res["rows"]}
+    by = {(r["kind"], r["server"]): r for r in res["rows"]}
     lines = [
         "# `edgecnn serve` under load (one run, one machine, loopback)", "",
         f"Machine: {res['machine']}. Command: `{command}`", "",
         f"{res['clients']} concurrent clients, each sending batch-1 requests back to back for {res['seconds']:g} s "
-        f"(after {res['warmup']:g} s warm-up), every answer checked against its own input's logits. Client: "
+        f"(after {res['warmup']:g} s warm-up) per phase, every answer checked against its own input's logits; "
+        f"{res['rounds']} rounds interleaving offline, batched and unbatched phases, medians shown. Client: "
         f"{res['client']}. Server: ort-cpu{' ' + str(res['options']) if res['options'] else ''}, the default "
         f"fixed-batch export served through its relaxed copy ({off['batching']}).", "",
         "| input | server | req/s | p50 ms | p99 ms | mean batch | vs offline b64 | vs unbatched | wrong answers "
@@ -267,13 +285,13 @@ def write(res: dict, out: Path, command: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("tensor", "image"):
-        ub = by[(kind, 1)]["throughput"]
-        for mb in (64, 1):
-            r = by[(kind, mb)]
-            name = "batched (--max-batch 64 --max-delay-ms 2)" if mb == 64 else "unbatched (--max-batch 1)"
+        ub = by[(kind, "unbatched")]["throughput"]
+        for server in ("batched", "unbatched"):
+            r = by[(kind, server)]
+            name = f"{server} (`{' '.join(res['servers'][server])}`)"
             lines.append(f"| {kind} | {name} | {r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                          f"{r['mean_batch']:.1f} | {r['throughput'] / off[kind]:.0%} | {r['throughput'] / ub:.2f}x | "
-                         f"{r['wrong_answers']} | {r['server_cpu_us_per_request']:.0f} | "
+                         f"{r['wrong_answers']} of {r['requests']} | {r['server_cpu_us_per_request']:.0f} | "
                          f"{r['client_cpu_us_per_request']:.0f} |")
     lines += ["", "Offline batch-64 throughput of the same runtime and model, measured in the same run: "
               f"tensor {off['tensor']:,.0f} img/s; image (JPEG decode + preprocessing + model) {off['image']:,.0f} img/s. "
@@ -284,7 +302,7 @@ def write(res: dict, out: Path, command: str) -> None:
               f"(other work on the machine): {', '.join(f'{v:.1f}' for v in res['load_average_at_end'])}.",
               "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for kind in ("tensor", "image"):
-        b, ub = by[(kind, 64)]["throughput"], by[(kind, 1)]["throughput"]
+        b, ub = by[(kind, "batched")]["throughput"], by[(kind, "unbatched")]["throughput"]
         lines.append(f"| {kind}: batched >= 50% of offline b64 | {b / off[kind]:.0%} | {'yes' if b >= 0.5 * off[kind] else 'no'} |")
         lines.append(f"| {kind}: batched >= 5x unbatched | {b / ub:.2f}x | {'yes' if b >= 5 * ub else 'no'} |")
     out.mkdir(parents=True, exist_ok=True)
@@ -296,8 +314,10 @@ def write(res: dict, out: Path, command: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=6.0)
-    ap.add_argument("--warmup", type=float, default=1.5)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=1, help="--instances of the batched server")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("-O", "--option", action="append", default=[], help="runtime option KEY=VALUE")
     a = ap.parse_args()
@@ -307,7 +327,9 @@ def main() -> None:
         options[k] = {"true": True, "false": False}.get(v.lower(), v)
     if not 1 <= a.clients <= 256 or not 0 < a.seconds <= 60:
         raise SystemExit("--clients must be 1-256 and --seconds 0-60")
-    res = run(a.clients, a.seconds, a.warmup, options)
+    if not 1 <= a.rounds <= 10:
+        raise SystemExit("--rounds must be 1-10")
+    res = run(a.clients, a.seconds, a.warmup, a.rounds, options, a.instances)
     write(res, a.out, "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]))
 
 

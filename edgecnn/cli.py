@@ -566,17 +566,19 @@ def demo(output, epochs, per_class, seed, progress):
               help="Most rows per model call (1: no batching, one request at a time).")
 @click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
               help="Longest a request waits for others to join its batch.")
+@click.option("--instances", type=int, default=1, show_default=True,
+              help="Batches that may run at once, each on its own thread (with -O threads=1: one core each).")
 @click.option("--name", default=None, help="Model name in the URLs [default: the model file's stem].")
 @click.option("--max-body-mb", type=float, default=16.0, show_default=True, help="Larger request bodies get 413.")
 @click.option("--relax-batch/--no-relax-batch", default=True, show_default=True,
               help="Serve a fixed-batch ONNX model through a copy with a symbolic batch axis (else row by row).")
 @click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
-def serve(model, runtime, host, port, max_batch, max_delay_ms, name, max_body_mb, relax_batch, options):
+def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, max_body_mb, relax_batch, options):
     """Serve MODEL (file, deploy.json or bundle folder) over the KServe v2 protocol with dynamic batching."""
     from edgecnn.runtimes.serve import ServeConfig, ServedModel
     from edgecnn.runtimes.serve import serve as run_server
 
-    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
+    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances,
                       max_body_bytes=int(max_body_mb * (1 << 20)))
     cfg.check()
     served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, **options)

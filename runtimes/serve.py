@@ -48,12 +48,15 @@ class ServeConfig:
     port: int = 8000
     max_batch: int = 64
     max_delay_ms: float = 2.0
+    instances: int = 1
     max_body_bytes: int = 16 << 20
     graceful_timeout_s: float = 30.0
 
     def check(self) -> None:
         if self.max_batch < 1:
             raise InvalidInputError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if not 1 <= self.instances <= 64:
+            raise InvalidInputError(f"--instances must be 1-64, got {self.instances}")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise InvalidInputError(f"--max-delay-ms must be between 0 and 10000, got {self.max_delay_ms}")
         if self.max_body_bytes < 1024:
@@ -153,6 +156,7 @@ class ServedModel:
                 "inputs": inputs, "outputs": outputs,
                 "parameters": {"runtime": rt.describe(), "class_names": list(self.clf.class_names),
                                "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
+                               "instances": cfg.instances,
                                "batching": self.batching}}
 
     def decode_images(self, blobs: list[bytes]) -> np.ndarray:
@@ -212,9 +216,10 @@ class Metrics:
 
 
 class Batcher:
-    """Collects submitted row blocks into batches; runs one batch at a time on a worker thread."""
+    """Collects submitted row blocks into batches; runs up to ``instances`` batches at once, each on its
+    own worker thread (Triton's instance count), and hands each caller its own rows."""
 
-    def __init__(self, run, max_batch: int, max_delay_s: float, metrics: Metrics):
+    def __init__(self, run, max_batch: int, max_delay_s: float, metrics: Metrics, instances: int = 1):
         self._run = run
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -222,13 +227,17 @@ class Batcher:
         self._queue: collections.deque = collections.deque()
         self._rows = 0
         self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgecnn-batch")
+        self._pool = ThreadPoolExecutor(instances, thread_name_prefix="edgecnn-batch")
+        self._slots = asyncio.Semaphore(instances)
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -253,6 +262,7 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self._slots.acquire()  # a free instance: while none is, the queue keeps filling
             remaining = self._queue[0][2] + self.max_delay_s - time.perf_counter()
             if self._rows < self.max_batch and remaining > 0:
                 self._wake.clear()
@@ -269,25 +279,33 @@ class Batcher:
                 items.append((x, fut, t0))
                 rows += x.shape[0]
             if not items:
+                self._slots.release()
                 continue
             now = time.perf_counter()
             for _, _, t0 in items:
                 self.metrics.queue.observe(now - t0)
             self.metrics.batch.observe(rows)
             batch = items[0][0] if len(items) == 1 else np.concatenate([x for x, _, _ in items])
-            try:
-                out = await loop.run_in_executor(self._pool, self._run, batch)
-            except Exception as e:  # noqa: BLE001 - handed to every caller of this batch
-                for _, fut, _ in items:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            i = 0
-            for x, fut, _ in items:
-                n = x.shape[0]
+            task = loop.create_task(self._execute(items, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, items: list, batch: np.ndarray) -> None:
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._run, batch)
+        except Exception as e:  # noqa: BLE001 - handed to every caller of this batch
+            for _, fut, _ in items:
                 if not fut.done():
-                    fut.set_result(out[i : i + n])
-                i += n
+                    fut.set_exception(e)
+            return
+        finally:
+            self._slots.release()
+        i = 0
+        for x, fut, _ in items:
+            n = x.shape[0]
+            if not fut.done():
+                fut.set_result(out[i : i + n])
+            i += n
 
 
 class HTTPError(Exception):
@@ -340,7 +358,7 @@ class App:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 self.batcher = Batcher(self.model.clf.run, self.cfg.max_batch, self.cfg.max_delay_ms / 1e3,
-                                       self.metrics)
+                                       self.metrics, self.cfg.instances)
                 self.batcher.start()
                 self.ready = True
                 await send({"type": "lifespan.startup.complete"})
@@ -562,7 +580,8 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped_by.append(sig))
     shown = f"[{host}]" if ":" in host else host
     log(f"edgecnn serve: listening on http://{shown}:{port} model {model.name!r} on {model.clf.runtime.describe()}; "
-        f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, batching {model.batching}")
+        f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s), "
+        f"batching {model.batching}")
     try:
         server.run(sockets=[sock])
     finally:

@@ -84,7 +84,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
     s = Server(trained.onnx, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "16",
-               "--max-delay-ms", "5", "--max-body-mb", "1")
+               "--max-delay-ms", "5", "--max-body-mb", "1", "--instances", "2")
     yield s
     rc = s.stop()
     assert rc == 0, s.log.read_text()
