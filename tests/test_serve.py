@@ -378,3 +378,36 @@ def test_relaxed_batch_copy_is_the_onnx_package_edit_byte_for_byte(trained, tmp_
         d.dim_param = "batch"
     assert (tmp_path / "r.onnx").read_bytes() == m.SerializeToString()
     onnx.checker.check_model(onnx.load(str(tmp_path / "r.onnx")), full_check=True)
+
+
+def test_served_model_from_a_bundle_a_deploy_config_and_without_relaxing(trained, tmp_path):
+    import shutil
+
+    from edgecnn.runtimes.serve import ServeConfig, ServedModel
+
+    from edgecnn.errors import InvalidInputError
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(trained.onnx, bundle / "model.onnx")
+    (bundle / "manifest.json").write_text(json.dumps({"default_model": "model.onnx"}))
+    (tmp_path / "deploy.json").write_text(json.dumps({"format": "edgecnn-deploy/1", "model": "bundle/model.onnx",
+                                                      "runtime": "ort-cpu", "threads": 1}))
+    x = np.random.default_rng(8).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    with Classifier(trained.onnx) as ref:
+        want = ref.run(x)
+    for source, relax, batching in ((bundle, True, "dynamic"), (tmp_path / "deploy.json", True, "dynamic"),
+                                    (trained.onnx, False, "fixed batch 1: batches run row by row"),
+                                    (trained.onnx_dynamic, True, "dynamic")):
+        m = ServedModel(source, relax=relax)
+        try:
+            assert m.batching.startswith(batching) and m.name in ("model", "model_dynamic")
+            assert m.metadata(ServeConfig())["parameters"]["batching"] == m.batching
+            np.testing.assert_allclose(m.clf.run(x), want, rtol=RTOL, atol=ATOL)
+            if source == tmp_path / "deploy.json":
+                assert m.clf.runtime.threads == 1  # the config's settings apply
+        finally:
+            m.close()
+    (bundle / "manifest.json").write_text(json.dumps({"default_model": "../../etc/passwd"}))
+    with pytest.raises(InvalidInputError, match="leaves the bundle"):
+        ServedModel(bundle)
