@@ -351,7 +351,7 @@ def test_sigterm_during_load_finishes_every_accepted_request_and_exits_0(trained
     assert all(per and per[-1][1] == -1 for per in box["r"])
 
 
-def test_bad_model_and_busy_port_fail_cleanly(trained, tmp_path, run_cli):
+def test_bad_model_busy_port_and_missing_server_package_fail_cleanly(trained, tmp_path, run_cli, monkeypatch):
     (tmp_path / "x.onnx").write_bytes(b"garbage")
     r = run_cli("serve", tmp_path / "x.onnx", "--port", "0")
     assert r.exit_code == 2 and "edgecnn: error:" in r.stderr and "Traceback" not in r.stderr
@@ -364,6 +364,9 @@ def test_bad_model_and_busy_port_fail_cleanly(trained, tmp_path, run_cli):
         busy.listen()
         r = run_cli("serve", trained.onnx, "--port", str(busy.getsockname()[1]))
     assert r.exit_code == 2 and "cannot listen" in r.stderr
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails
+    r = run_cli("serve", trained.onnx, "--port", "0")
+    assert r.exit_code == 3 and "pip install 'edgecnn[serve]'" in r.stderr
 
 
 def test_relaxed_batch_copy_is_the_onnx_package_edit_byte_for_byte(trained, tmp_path):
