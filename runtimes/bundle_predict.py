@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Classify images with this bundle's model: python predict.py IMAGE... (numpy, Pillow, onnxruntime only)."""
+"""Classify images with this bundle's model: python predict.py PATH... [-o out.csv] (numpy, Pillow, onnxruntime only)."""
 
 # This file is copied verbatim into every `edgecnn package` bundle as predict.py. It imports nothing
 # from edgecnn: the preprocessing is edgecnn_preprocess.py beside it, generated from the installed
-# edgecnn.runtimes.preprocess, so the device runs the same code as edgecnn's Classifier.
+# edgecnn.runtimes.preprocess, so the device runs the same code as edgecnn's Classifier; the bulk
+# pipeline (folders, globs, lists, parallel decode, result tables) is edgecnn_pipeline.py and
+# edgecnn_tables.py, generated the same way from edgecnn.runtimes.pipeline and .tables.
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class BundleModel:
         entries = {m["file"]: m for m in manifest["models"]}
         if name not in entries:
             raise BundleError(f"no model {name!r} in this bundle; it has {', '.join(entries)}")
-        for f in (name, "labels.txt", "edgecnn_preprocess.py"):
+        for f in (name, "labels.txt", "edgecnn_preprocess.py", "edgecnn_pipeline.py", "edgecnn_tables.py"):
             if _sha256(folder / f) != manifest["files"][f]:
                 raise BundleError(f"{f}: sha256 does not match {MANIFEST} (altered file)", EXIT_CHECK_FAILED)
         self.pre = _preprocess_module()
@@ -73,6 +75,7 @@ class BundleModel:
                                             providers=["CPUExecutionProvider"])
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         self.labels = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
+        self.class_names = self.labels
         self.mean = json.loads(meta["mean"]) if "mean" in meta else list(self.pre.DEFAULT_MEAN)
         self.std = json.loads(meta["std"]) if "std" in meta else list(self.pre.DEFAULT_STD)
         inp = self.session.get_inputs()[0]
@@ -80,16 +83,18 @@ class BundleModel:
         self.uint8 = inp.type == "tensor(uint8)"  # preprocessing embedded in the graph: feed RGB pixels
         self.softmax_inside = meta.get("embedded_softmax") == "1"
         self.size = int(inp.shape[1] if self.uint8 else inp.shape[2])
+        self.input_size = self.size
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
     def probabilities(self, images: list):
         """Images (paths, PIL images, uint8 arrays) -> float32 probabilities (N, classes)."""
+        return self.probabilities_from_pixels(self.pre.to_batch_uint8(images, self.size))
+
+    def probabilities_from_pixels(self, rgb):
+        """uint8 RGB (N, size, size, 3), as to_rgb_uint8 gives -> float32 probabilities (N, classes)."""
         import numpy as np
 
-        if self.uint8:
-            x = self.pre.to_batch_uint8(images, self.size)
-        else:
-            x = self.pre.preprocess(images, self.mean, self.std, self.size)
+        x = rgb if self.uint8 else self.pre.normalize(rgb, self.mean, self.std)
         step = self.fixed_batch or len(x)
         out = np.concatenate([self.session.run(None, {self.input_name: x[i : i + step]})[0]
                               for i in range(0, len(x), step)])
@@ -106,29 +111,68 @@ class BundleModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Classify images; one line per image: file, top label, probability.")
-    ap.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; any size)")
+    ap = argparse.ArgumentParser(description="Classify images: one line per image (file, top label, probability), "
+                                             "or with -o a table of rows (.csv, .jsonl, .parquet).")
+    ap.add_argument("images", nargs="+", metavar="PATH",
+                    help="image files, folders (recursive), globs, or .txt files listing one path a line")
     ap.add_argument("--model", default=None, help="which model of the bundle (default: the manifest's default)")
     ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1: decoding needs the cores)")
+    ap.add_argument("-o", "--output", default=None, help="write rows to .csv, .jsonl or .parquet (needs pyarrow)")
+    ap.add_argument("--resume", action="store_true", help="continue -o FILE, skipping the paths already in it")
+    ap.add_argument("--force", action="store_true", help="replace an existing -o FILE")
+    ap.add_argument("--fast-decode", action="store_true", help="decode JPEGs at reduced scale (faster, not bit-exact)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None, help="decode threads (default: one per core)")
     args = ap.parse_args(argv)
-    if args.top_k < 1:
-        ap.error("--top-k must be >= 1")
+    if args.top_k < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 1):
+        ap.error("--top-k, --batch-size and --workers must be >= 1")
+    if args.resume and not args.output:
+        ap.error("--resume needs -o FILE")
     try:
         clf = BundleModel(HERE, args.model, args.threads)
     except BundleError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return e.exit_code
-    rc = 0
-    for img in args.images:
-        try:
-            preds = clf.classify([img], args.top_k)[0]
-        except clf.pre.InvalidInputError as e:
-            print(f"predict.py: error: {e}", file=sys.stderr)
-            rc = EXIT_BAD_INPUT
-            continue
-        print("\t".join([img] + [f"{label}\t{p:.6f}" for label, p in preds]))
-    return rc
+    import signal
+
+    import edgecnn_pipeline as pipe
+    import edgecnn_tables as tables
+
+    def on_term(signum, frame):  # SIGTERM ends the run like Ctrl-C: the table keeps the rows done so far
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    table = None
+    failed = 0
+    try:
+        if args.output:
+            table = tables.open_table(args.output, pipe.columns(args.top_k), resume=args.resume, force=args.force)
+        skip = (lambda p: p in table.done) if table is not None and len(table.done) else None
+        for rows in pipe.predict_rows(pipe.iter_paths(args.images), clf, top_k=args.top_k,
+                                      batch_size=args.batch_size, workers=args.workers,
+                                      fast_jpeg=args.fast_decode, skip=skip):
+            if table is not None:
+                table.write(rows)
+            for r in rows:
+                if r["error"] is not None:
+                    failed += 1
+                    print(f"predict.py: error: {r['path']}: {r['error']}", file=sys.stderr)
+                elif table is None:
+                    preds = [(r[f"label_{i}"], r[f"prob_{i}"]) for i in range(1, args.top_k + 1)
+                             if r[f"label_{i}"] is not None]
+                    print("\t".join([r["path"]] + [f"{label}\t{p:.6f}" for label, p in preds]))
+    except (clf.pre.InvalidInputError, tables.MissingDependencyError) as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(e, tables.MissingDependencyError) else EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("predict.py: interrupted" + (f"; rows so far are in {args.output} (--resume continues)"
+                                           if table is not None else ""), file=sys.stderr)
+        return 130
+    finally:
+        if table is not None:
+            table.close()
+    return EXIT_BAD_INPUT if failed else 0
 
 
 if __name__ == "__main__":

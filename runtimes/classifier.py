@@ -12,7 +12,7 @@ import numpy as np
 from edgecnn.errors import InvalidInputError, InvalidModelError
 
 from .base import Runtime, load_runtime
-from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, preprocess, softmax, to_batch_uint8
+from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, normalize, preprocess, softmax, to_batch_uint8
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,20 @@ class Classifier:
         """float32 (N, 3, H, W), already normalized -> logits (N, C) (uint8 (N, H, W, 3) if embedded)."""
         return self.runtime.run(batch)
 
+    @property
+    def input_size(self) -> int:
+        return self.info.input_size
+
     def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
-        out = self.run(self.preprocess(self._as_list(images)))
+        return self.probabilities_from_pixels(to_batch_uint8(self._as_list(images), self.info.input_size))
+
+    def probabilities_from_pixels(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 RGB (N, H, W, 3) already at the model's input size (``to_rgb_uint8``) -> probabilities (N, C).
+
+        The second half of ``probabilities``: the bulk pipeline decodes in parallel, then calls this.
+        """
+        x = rgb if self.embedded_preprocessing else normalize(rgb, self.info.mean, self.info.std)
+        out = self.run(x)
         if not self.embedded_softmax:
             return softmax(out)
         self._check_probabilities(out)

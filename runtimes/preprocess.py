@@ -20,7 +20,7 @@ MAX_PIXELS = 8192 * 8192
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
+def _open(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
     p = Path(path)
     try:
         exists = p.is_file()
@@ -32,6 +32,9 @@ def _open(path: str | os.PathLike) -> Image.Image:
         with Image.open(p) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise InvalidInputError(f"{p}: image too large ({im.width}x{im.height})")
+            if draft and im.format == "JPEG":
+                # libjpeg scales by 1/2, 1/4 or 1/8 while decoding (DCT domain), never below draft x draft.
+                im.draft("RGB", (draft, draft))
             im.load()
             return im.copy()
     except InvalidInputError:
@@ -52,18 +55,20 @@ def _from_array(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), mode="RGB")
 
 
-def to_rgb_uint8(image: ImageLike, size: int = INPUT_SIZE) -> np.ndarray:
+def to_rgb_uint8(image: ImageLike, size: int = INPUT_SIZE, fast_jpeg: bool = False) -> np.ndarray:
     """Any supported image (path, PIL image, uint8 array) -> uint8 array (size, size, 3), RGB.
 
     Mode conversions: grayscale is replicated, alpha is dropped (composited on black by Pillow's
     RGB conversion), palette and 16-bit images are converted by Pillow. Resizing is bilinear.
+    ``fast_jpeg``: a JPEG file is decoded at a reduced scale (Pillow's draft mode) before the resize:
+    several times faster, close to but not bit-identical with the exact path.
     """
     if isinstance(image, np.ndarray):
         im = _from_array(image)
     elif isinstance(image, Image.Image):
         im = image
     elif isinstance(image, (str, os.PathLike)):
-        im = _open(image)
+        im = _open(image, size if fast_jpeg else None)
     else:
         raise InvalidInputError(f"unsupported image type {type(image).__name__}")
     if im.width == 0 or im.height == 0:

@@ -17,11 +17,18 @@ from PIL import Image
 
 from edgecnn.checkpoint import sha256_file
 from edgecnn.errors import IntegrityError, InvalidInputError
-from edgecnn.package import MANIFEST, PREPROCESS_FILE, build_bundle, check_bundle, preprocess_source
+from edgecnn.package import (
+    MANIFEST,
+    PIPELINE_FILES,
+    PREPROCESS_FILE,
+    build_bundle,
+    check_bundle,
+    preprocess_source,
+)
 
 RTOL, ATOL = 1e-3, 1e-5  # fp32 tolerance
 FILES = {"model.onnx", "model_dynamic.onnx", "emb.onnx", "model.int8.onnx", "labels.txt", "requirements.txt", "predict.py",
-         PREPROCESS_FILE, MANIFEST}
+         PREPROCESS_FILE, MANIFEST, *PIPELINE_FILES.values()}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,137 @@
+"""`edgecnn predict`: classify many files into a results table, on this machine or on Ray. Torch-free.
+
+The command parses options and prints; this module opens the model and the output table, picks the
+engine (``edgecnn.runtimes.pipeline`` locally, ``edgecnn.ray_engine`` on Ray) and counts what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .errors import InvalidInputError
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class BulkOptions:
+    top_k: int = 1
+    runtime: str = "ort-cpu"
+    options: dict = field(default_factory=dict)  # runtime options (-O); threads default to 1, see below
+    batch_size: int = 64
+    workers: int | None = None
+    fast_jpeg: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    resume: bool = False
+    force: bool = False
+    progress: bool | None = None  # None: when stderr is a terminal
+
+
+@dataclass
+class BulkSummary:
+    total: int = 0  # paths named by the inputs
+    done: int = 0  # rows written by this run
+    failed: int = 0  # of them, rows with an error
+    skipped: int = 0  # already in the output (--resume)
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)  # the first few "path: reason"
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def runtime_options(opts: BulkOptions) -> dict:
+    """The runtime gets one thread unless -O threads=N says otherwise: decoding is the cost, and the
+    decode workers need the cores (measured in benchmarks/bulk_predict.py)."""
+    return {"threads": 1, **opts.options}
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: the output is closed (Parquet written) with the rows done so far."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opts: BulkOptions,
+        echo: Callable[[dict], None] | None = None) -> BulkSummary:
+    """Classify every path named by ``inputs``; rows go to ``output`` (a table) or, without it, to ``echo``."""
+    from edgecnn.runtimes import Classifier
+    from edgecnn.runtimes.pipeline import Progress, columns, count_paths, iter_paths
+    from edgecnn.runtimes.tables import open_table
+
+    if opts.engine not in ENGINES:
+        raise InvalidInputError(f"unknown engine {opts.engine!r}; use one of {', '.join(ENGINES)}")
+    if opts.top_k < 1 or opts.batch_size < 1 or (opts.workers is not None and opts.workers < 1):
+        raise InvalidInputError("--top-k, --batch-size and --workers must be >= 1")
+    if not inputs:
+        raise InvalidInputError("no images given")
+    if opts.resume and not output:
+        raise InvalidInputError("--resume needs -o FILE (the table to continue)")
+    if opts.engine == "ray":
+        from . import ray_engine
+
+        ray_engine.check_available()
+    total = count_paths(inputs)  # also refuses a glob that matches nothing, before any output exists
+    if total == 0:
+        raise InvalidInputError(f"no image files in {', '.join(map(str, inputs))}")
+    summary = BulkSummary(total=total)
+    with contextlib.ExitStack() as stack:
+        clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **runtime_options(opts)))
+        table = open_table(output, columns(opts.top_k), resume=opts.resume, force=opts.force) if output else None
+        done = table.done if table is not None else None
+
+        def _skip(path: str) -> bool:
+            if path in done:
+                summary.skipped += 1
+                return True
+            return False
+
+        skip = _skip if done else None
+        progress = Progress(total - (len(done) if done else 0), enabled=opts.progress)
+        start = time.perf_counter()
+        try:
+            with _sigterm_as_interrupt():
+                if opts.engine == "ray":
+                    from . import ray_engine
+
+                    paths = [p for p in iter_paths(inputs) if skip is None or not skip(p)]
+                    batches = ray_engine.predict_rows(paths, str(model), opts, runtime_options(opts))
+                else:
+                    from edgecnn.runtimes.pipeline import predict_rows
+
+                    batches = predict_rows(iter_paths(inputs), clf, top_k=opts.top_k, batch_size=opts.batch_size,
+                                           workers=opts.workers, fast_jpeg=opts.fast_jpeg, skip=skip)
+                for rows in batches:
+                    if table is not None:
+                        table.write(rows)
+                    else:
+                        for r in rows:
+                            echo(r)
+                    progress.update(rows)
+                    summary.failures += [f"{r['path']}: {r['error']}" for r in rows
+                                         if r["error"] is not None][: max(0, 3 - len(summary.failures))]
+        finally:
+            summary.done, summary.failed = progress.done, progress.failed
+            summary.seconds = time.perf_counter() - start
+            progress.close()
+            if table is not None:
+                table.close()
+    return summary
