@@ -59,11 +59,9 @@ def _rows(batch: dict[str, np.ndarray], cols: Sequence[str]) -> list[dict]:
     for i in range(n):
         row = {}
         for c in cols:
-            v = batch[c][i]
-            if c.startswith("prob_"):
-                row[c] = None if np.isnan(v) else float(v)
-            else:
-                row[c] = None if v is None else str(v)
+            v = batch[c][i]  # Arrow may hand an all-null string column back as float NaN
+            missing = v is None or (isinstance(v, (float, np.floating)) and np.isnan(v))
+            row[c] = None if missing else float(v) if c.startswith("prob_") else str(v)
         rows.append(row)
     return rows
 
@@ -77,6 +75,8 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
 
     if not paths:
         return
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines would bury edgecnn's own summary
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     started = False
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
@@ -99,7 +99,8 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
         # "file": absolute, since an actor's working folder is not the driver's
         ds = ray.data.from_items([{"path": p, "file": os.path.abspath(p)} for p in paths],
                                  override_num_blocks=max(1, min(len(paths) // opts.batch_size, 4 * actors)))
-        ds = ds.map_batches(RayPredictor, batch_size=opts.batch_size, concurrency=actors, num_cpus=1,
+        ds = ds.map_batches(RayPredictor, batch_size=opts.batch_size, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=actors),
                             batch_format="numpy",
                             fn_constructor_kwargs={"model": model, "runtime": opts.runtime,
                                                    "options": runtime_options, "top_k": opts.top_k,
