@@ -1,0 +1,305 @@
+"""Bulk prediction speed and memory: the streaming pipeline against a naive per-file loop, in one run.
+
+    pip install scikit-learn   # its sample photos (matplotlib's grace_hopper.jpg is used too)
+    python benchmarks/bulk_predict.py [--photos 1000] [--rounds 2] [--rss-files 10000,100000] [--no-ray]
+
+Writes benchmarks/results/bulk_predict.md and .json. Every speed is images/s over the same folder of real
+640x480 photos (JPEG at qualities 60-95, every 10th a PNG; made by benchmarks/photos.py in a temp folder),
+the best of --rounds interleaved rounds (the machine is shared: the best round is the least disturbed),
+and every ratio is against the naive loop measured in the same run:
+- naive loop: what a user writes: per file Pillow open -> RGB -> resize -> normalize -> ONNX Runtime batch 1;
+- exact / fast: `edgecnn predict DIR -o out.csv` (edgecnn.bulk.run, in this process), default options,
+  without / with --fast-decode; variants: decode processes instead of threads, the runtime on 2 threads;
+- decode ceiling: all cores doing nothing but the same decode + resize (decode_many on a thread pool);
+- runtime: Classifier.probabilities_from_pixels on ready uint8 batches (the network alone);
+- Ray local: `--engine ray` on a local instance started for it (its start-up time reported apart).
+Peak RSS: `edgecnn predict` in a child process (its VmHWM) over 10,000 and 100,000 files that are hard
+links to 2,000 small JPEGs (so 100,000 files take minutes, not half an hour; memory does not depend on
+the image size beyond one batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def train_model(folder: Path) -> Path:
+    """The seed Net trained briefly on the built-in set, exported with a symbolic batch axis."""
+    from edgecnn.exporters.onnx import export
+
+    from edgecnn.data import synthetic_dataset
+    from edgecnn.train import TrainConfig, train_to_file
+
+    ds = synthetic_dataset(per_class=300, seed=0)
+    train_to_file(ds, TrainConfig(epochs=3, progress=False, seed=0), folder / "model.pt", log=lambda s: None)
+    return export(folder / "model.pt", folder / "model.onnx", dynamic_batch=True).path
+
+
+def naive_loop(model: Path, paths: list[str]) -> list[int]:
+    import onnxruntime as ort
+    from PIL import Image
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    mean, std = np.float32(0.5), np.float32(0.25)
+    top = []
+    for p in paths:
+        try:
+            im = Image.open(p).convert("RGB").resize((64, 64), Image.BILINEAR)
+        except OSError:
+            top.append(-1)
+            continue
+        x = ((np.asarray(im, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)[None]
+        logits = sess.run(None, {name: np.ascontiguousarray(x)})[0]
+        top.append(int(logits.argmax()))
+    return top
+
+
+def run_bulk(model: Path, folder: Path, out: Path, **kw) -> list[dict]:
+    from edgecnn.runtimes.tables import iter_table
+
+    from edgecnn import bulk
+
+    opts = bulk.BulkOptions(force=True, progress=False, **kw)
+    bulk.run(model, [str(folder)], str(out), opts)
+    return list(iter_table(str(out)))
+
+
+def decode_ceiling(paths: list[str], fast: bool, workers: int) -> None:
+    from edgecnn.runtimes.pipeline import decode_many
+
+    chunks = [paths[i:i + 64] for i in range(0, len(paths), 64)]
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(lambda c: decode_many(c, 64, fast), chunks))
+
+
+def runtime_rate(model: Path, threads: int, batch: int, n: int) -> float:
+    from edgecnn.runtimes import Classifier
+
+    from edgecnn.data import synthetic_dataset
+
+    ds = synthetic_dataset(per_class=max(1, batch // 6 + 1), seed=3)
+    rgb = np.ascontiguousarray(ds.images[:batch])
+    with Classifier(model, threads=threads) as clf:
+        clf.probabilities_from_pixels(rgb)
+        reps = max(1, n // batch)
+        t = time.perf_counter()
+        for _ in range(reps):
+            clf.probabilities_from_pixels(rgb)
+        return reps * batch / (time.perf_counter() - t)
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+RSS_SNIPPET = r"""
+import atexit, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    sys.stderr.write(f"VMHWM_KB {kb}\n")
+atexit.register(peak)
+from edgecnn.cli import main
+sys.argv = ["edgecnn", "predict", *sys.argv[1:]]
+main()
+"""
+
+
+def peak_rss(model: Path, folder: Path, out: Path) -> tuple[float, float]:
+    """(MiB, seconds) of `edgecnn predict folder -o out.csv` in a child process."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", RSS_SNIPPET, str(model), str(folder), "-o", str(out), "--force",
+                        "--no-progress"], capture_output=True, text=True)
+    secs = time.perf_counter() - t
+    kb = [int(ln.split()[1]) for ln in r.stderr.splitlines() if ln.startswith("VMHWM_KB")]
+    if r.returncode != 0 or not kb:
+        raise SystemExit(f"RSS run failed: {r.stderr[-2000:]}")
+    return kb[0] / 1024, secs
+
+
+def link_farm(folder: Path, n: int, sources: list[Path]) -> None:
+    folder.mkdir()
+    for i in range(n):
+        os.link(sources[i % len(sources)], folder / f"f_{i:06d}.jpg")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--photos", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rss-files", default="10000,100000")
+    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+
+    from edgecnn.runtimes.pipeline import default_workers
+    from photos import make_photos
+
+    from edgecnn.machine import describe
+
+    cores = default_workers()
+    load0 = os.getloadavg()
+    res: dict = {"machine": describe(), "python": platform.python_version(), "cores": cores, "photos": args.photos,
+                 "load_before": [round(v, 2) for v in load0], "rates": {}}
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        t0 = time.perf_counter()
+        model = train_model(td)
+        photos = td / "photos"
+        paths = sorted(str(p) for p in make_photos(photos, args.photos))
+        print(f"model and {len(paths)} photos ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        out = td / "out.csv"
+        configs = {
+            "naive loop (per file, ORT batch 1)": lambda: naive_loop(model, paths),
+            "exact pipeline (default)": lambda: run_bulk(model, photos, out),
+            "fast decode pipeline (--fast-decode)": lambda: run_bulk(model, photos, out, fast_jpeg=True),
+            "exact, decode in processes": lambda: run_bulk(model, photos, out, executor="process"),
+            "exact, runtime on 2 threads (-O threads=2)": lambda: run_bulk(model, photos, out, options={"threads": 2}),
+            "exact, 1 decode worker": lambda: run_bulk(model, photos, out, workers=1),
+            f"decode ceiling, exact ({cores} threads)": lambda: decode_ceiling(paths, False, cores),
+            f"decode ceiling, fast ({cores} threads)": lambda: decode_ceiling(paths, True, cores),
+            "decode, exact (1 thread)": lambda: decode_ceiling(paths, False, 1),
+        }
+        best: dict[str, float] = {}
+        outputs: dict[str, object] = {}
+        for rnd in range(args.rounds):
+            for name, fn in configs.items():
+                secs, o = timed(fn)
+                best[name] = max(best.get(name, 0.0), len(paths) / secs)
+                outputs[name] = o
+                print(f"round {rnd + 1}: {name}: {len(paths) / secs:,.0f} img/s", file=sys.stderr)
+        for threads in (1, 2):
+            for batch in (1, 16, 64, 256):
+                best[f"runtime alone, batch {batch}, {threads} thread(s)"] = runtime_rate(model, threads, batch, 4096)
+        # agreement of fast decode with the exact path, and of the pipeline with the naive loop's labels
+        exact = {r["path"]: r for r in outputs["exact pipeline (default)"]}
+        fast = {r["path"]: r for r in outputs["fast decode pipeline (--fast-decode)"]}
+        jpeg = [p for p in paths if p.endswith(".jpg")]
+        agree = sum(exact[p]["label_1"] == fast[p]["label_1"] for p in jpeg)
+        res["fast_top1_agreement"] = {"jpeg_files": len(jpeg), "agree": agree, "pct": 100 * agree / len(jpeg)}
+        diffs = [abs(float(exact[p]["prob_1"]) - float(fast[p]["prob_1"])) for p in jpeg]
+        res["fast_prob1_abs_diff"] = {"median": float(np.median(diffs)), "max": float(np.max(diffs))}
+        if not args.no_ray:
+            res["ray"] = ray_rates(model, photos, paths, td, args.rounds)
+            best["Ray local (actor pool, excl. start-up)"] = res["ray"]["rate"]
+        res["rates"] = {k: round(v, 1) for k, v in best.items()}
+        # peak RSS over many files: links to small JPEGs
+        small = td / "small"
+        srcs = [Path(p) for p in make_photos(small, 2000, seed=5, png_every=0)]
+        from PIL import Image
+
+        for p in srcs:
+            Image.open(p).resize((160, 120)).save(p, quality=85)
+        res["rss"] = []
+        for n in [int(v) for v in args.rss_files.split(",") if v]:
+            farm = td / f"farm{n}"
+            link_farm(farm, n, srcs)
+            mib, secs = peak_rss(model, farm, td / f"rss{n}.csv")
+            res["rss"].append({"files": n, "peak_rss_mib": round(mib, 1), "seconds": round(secs, 1)})
+            print(f"RSS {n} files: {mib:.1f} MiB in {secs:.0f} s", file=sys.stderr)
+            subprocess.run(["rm", "-rf", str(farm)], check=True)
+    res["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    write(res, Path(args.out), " ".join(["python", "benchmarks/bulk_predict.py", *sys.argv[1:]]))
+
+
+def ray_rates(model: Path, photos: Path, paths: list[str], td: Path, rounds: int) -> dict:
+    import ray
+    from edgecnn.runtimes.tables import iter_table
+
+    from edgecnn import bulk
+
+    t = time.perf_counter()
+    ray.init(num_cpus=default_cpus(), include_dashboard=False, log_to_driver=False)
+    init = time.perf_counter() - t
+    try:
+        best = 0.0
+        for _ in range(rounds):
+            opts = bulk.BulkOptions(engine="ray", force=True, progress=False)
+            secs, _ = timed(lambda o=opts: bulk.run(model, [str(photos)], str(td / "ray.csv"), o))
+            best = max(best, len(paths) / secs)
+        rows = {r["path"]: r["label_1"] for r in iter_table(str(td / "ray.csv"))}
+    finally:
+        ray.shutdown()
+    return {"rate": best, "init_s": init, "rows": len(rows)}
+
+
+def default_cpus() -> int:
+    from edgecnn.runtimes.pipeline import default_workers
+
+    return default_workers()
+
+
+def write(res: dict, out: Path, command: str) -> None:
+    r = res["rates"]
+    naive = r["naive loop (per file, ORT batch 1)"]
+    cores = res["cores"]
+    lines = [
+        "# Bulk prediction: streaming pipeline vs a naive per-file loop",
+        "",
+        f"Machine: {res['machine']}, Python {res['python']}; load average before/after: "
+        f"{res['load_before'][0]} / {res['load_after'][0]} (the 2 cores are shared with other work).",
+        f"Command: `{command}`. {res['photos']} real 640x480 photos (JPEG q60-95, every 10th a PNG); "
+        "images/s = best of the interleaved rounds; ratios against the naive loop of the same run.",
+        "",
+        "| configuration | images/s | × naive |",
+        "|---|---:|---:|",
+    ]
+    for name, v in r.items():
+        lines.append(f"| {name} | {v:,.0f} | {v / naive:.2f}× |")
+    exact, fast = r["exact pipeline (default)"], r["fast decode pipeline (--fast-decode)"]
+    run1 = r["runtime alone, batch 64, 1 thread(s)"]
+    ceil_e, ceil_f = r[f"decode ceiling, exact ({cores} threads)"], r[f"decode ceiling, fast ({cores} threads)"]
+    ag = res["fast_top1_agreement"]
+    lines += [
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        f"| exact ≥ 1.7× naive | {exact / naive:.2f}× | {'yes' if exact / naive >= 1.7 else 'no'} |",
+        f"| fast ≥ 4× naive | {fast / naive:.2f}× | {'yes' if fast / naive >= 4 else 'no'} |",
+        f"| fast top-1 agreement with exact ≥ 99% | {ag['pct']:.1f}% ({ag['agree']}/{ag['jpeg_files']} JPEGs) | "
+        f"{'yes' if ag['pct'] >= 99 else 'no'} |",
+        f"| exact pipeline ≥ 80% of min(decode ceiling {ceil_e:,.0f}, runtime {run1:,.0f}) | "
+        f"{100 * exact / min(ceil_e, run1):.0f}% | {'yes' if exact >= 0.8 * min(ceil_e, run1) else 'no'} |",
+        f"| fast pipeline ≥ 80% of min(decode ceiling {ceil_f:,.0f}, runtime {run1:,.0f}) | "
+        f"{100 * fast / min(ceil_f, run1):.0f}% | {'yes' if fast >= 0.8 * min(ceil_f, run1) else 'no'} |",
+    ]
+    d = res["fast_prob1_abs_diff"]
+    lines.append(f"\nFast decode vs exact, top-1 probability: median |diff| {d['median']:.4f}, max {d['max']:.4f}.")
+    if "ray" in res:
+        ray = res["ray"]
+        lines.append(f"\nRay local: {ray['rate']:,.0f} img/s through `--engine ray` on an already started local "
+                     f"instance ({cores} CPUs; `ray.init` itself took {ray['init_s']:.1f} s), "
+                     f"{ray['rate'] / exact:.2f}× the local engine.")
+    if res.get("rss"):
+        lines += ["", "| files (hard links to 2,000 small JPEGs) | peak RSS (VmHWM, child process) | seconds |",
+                  "|---:|---:|---:|"]
+        lines += [f"| {x['files']:,} | {x['peak_rss_mib']:.1f} MiB | {x['seconds']:.0f} |" for x in res["rss"]]
+        if len(res["rss"]) >= 2:
+            g = res["rss"][-1]["peak_rss_mib"] - res["rss"][0]["peak_rss_mib"]
+            lines.append(f"\nGrowth from {res['rss'][0]['files']:,} to {res['rss'][-1]['files']:,} files: "
+                         f"{g:+.1f} MiB (target: within 50 MB).")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bulk_predict.md").write_text("\n".join(lines) + "\n")
+    (out / "bulk_predict.json").write_text(json.dumps(res, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
