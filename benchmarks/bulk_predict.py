@@ -103,6 +103,38 @@ def runtime_rate(model: Path, threads: int, batch: int, n: int) -> float:
         return reps * batch / (time.perf_counter() - t)
 
 
+def draft_variants(model: Path, paths: list[str]) -> list[dict]:
+    """Decode-only speed (1 thread) and top-1 agreement with the exact path of JPEG draft scales."""
+    from edgecnn.runtimes import Classifier
+    from edgecnn.runtimes.preprocess import to_rgb_uint8
+    from PIL import Image
+
+    def draft(req: int):
+        def f(p: str) -> np.ndarray:
+            with Image.open(p) as im:
+                im.draft("RGB", (req, req))
+                return np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR))
+        return f
+
+    jpeg = [p for p in paths if p.endswith(".jpg")]
+    out = []
+    with Classifier(model, threads=1) as clf:
+        ref = None
+        for name, fn in (("exact (full decode)", lambda p: to_rgb_uint8(p, 64)),
+                         ("--fast-decode: draft to 2x input (1/2 scale)", lambda p: to_rgb_uint8(p, 64, fast_jpeg=True)),
+                         ("draft to 1x input (1/4 scale)", draft(64))):
+            secs, x = timed(lambda fn=fn: np.stack([fn(p) for p in jpeg]))
+            probs = clf.probabilities_from_pixels(x)
+            ref = probs if ref is None else ref
+            top = np.sort(ref, 1)
+            dis = probs.argmax(1) != ref.argmax(1)
+            out.append({"decode": name, "img_s_1_thread": round(len(jpeg) / secs, 1),
+                        "top1_agreement_pct": round(100 * (1 - dis.mean()), 2), "jpegs": len(jpeg),
+                        "max_margin_of_disagreements": round(float((top[:, -1] - top[:, -2])[dis].max()), 4)
+                        if dis.any() else None})
+    return out
+
+
 def timed(fn) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn()
@@ -196,6 +228,7 @@ def main() -> None:
         res["fast_top1_agreement"] = {"jpeg_files": len(jpeg), "agree": agree, "pct": 100 * agree / len(jpeg)}
         diffs = [abs(float(exact[p]["prob_1"]) - float(fast[p]["prob_1"])) for p in jpeg]
         res["fast_prob1_abs_diff"] = {"median": float(np.median(diffs)), "max": float(np.max(diffs))}
+        res["draft"] = draft_variants(model, paths)
         if not args.no_ray:
             res["ray"] = ray_rates(model, photos, paths, td, args.rounds)
             best["Ray local (actor pool, excl. start-up)"] = res["ray"]["rate"]
@@ -282,6 +315,12 @@ def write(res: dict, out: Path, command: str) -> None:
     ]
     d = res["fast_prob1_abs_diff"]
     lines.append(f"\nFast decode vs exact, top-1 probability: median |diff| {d['median']:.4f}, max {d['max']:.4f}.")
+    if res.get("draft"):
+        lines += ["", "| JPEG decode (+ the same resize) | images/s, 1 thread, decode only | top-1 agreement with exact | "
+                  "largest top-2 margin among disagreements |", "|---|---:|---:|---:|"]
+        lines += [f"| {x['decode']} | {x['img_s_1_thread']:,.0f} | {x['top1_agreement_pct']:.2f}% of {x['jpegs']} | "
+                  f"{x['max_margin_of_disagreements'] if x['max_margin_of_disagreements'] is not None else '-'} |"
+                  for x in res["draft"]]
     if "ray" in res:
         ray = res["ray"]
         lines.append(f"\nRay local: {ray['rate']:,.0f} img/s through `--engine ray` on an already started local "

@@ -121,15 +121,16 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
                     batches = predict_rows(iter_paths(inputs), clf, top_k=opts.top_k, batch_size=opts.batch_size,
                                            workers=opts.workers, fast_jpeg=opts.fast_jpeg, skip=skip,
                                            executor=opts.executor)
-                for rows in batches:
-                    if table is not None:
-                        table.write(rows)
-                    else:
-                        for r in rows:
-                            echo(r)
-                    progress.update(rows)
-                    summary.failures += [f"{r['path']}: {r['error']}" for r in rows
-                                         if r["error"] is not None][: max(0, 3 - len(summary.failures))]
+                with contextlib.closing(batches):  # stops the decode workers whatever ends the loop
+                    for rows in batches:
+                        if table is not None:
+                            table.write(rows)
+                        else:
+                            for r in rows:
+                                echo(r)
+                        progress.update(rows)
+                        summary.failures += [f"{r['path']}: {r['error']}" for r in rows
+                                             if r["error"] is not None][: max(0, 3 - len(summary.failures))]
         finally:
             summary.done, summary.failed = progress.done, progress.failed
             summary.seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -97,9 +98,10 @@ def decode_many(paths: Sequence[str], size: int, fast_jpeg: bool = False) -> tup
         try:
             out[i] = to_rgb_uint8(p, size, fast_jpeg=fast_jpeg)
             errors.append(None)
-        except InvalidInputError as e:
+        except InvalidInputError as e:  # its message starts with the path, which the row already has
             msg = str(e)
-            errors.append(msg[len(p) + 2:] if msg.startswith(f"{p}: ") else msg)
+            prefix = next((f"{q}: " for q in (p, os.path.normpath(p), str(Path(p))) if msg.startswith(f"{q}: ")), "")
+            errors.append(msg[len(prefix):])
         except Exception as e:  # noqa: BLE001 - any failure of one file is that file's row, never the run's end
             errors.append(f"{type(e).__name__}: {e}")
     return out, errors
