@@ -290,3 +290,18 @@ def test_ray_engine_writes_the_same_rows_as_the_local_engine(folder, trained, ru
                                        [y[f"prob_{i}"] for i in range(1, TOP_K + 1)], rtol=RTOL, atol=ATOL)
     _check_against_classifier(b, kinds, trained.onnx_dynamic)
     json.dumps(b)  # plain values, no numpy scalars
+
+
+def test_fast_jpeg_decodes_at_reduced_scale_close_to_the_exact_path(tmp_path):
+    from edgecnn.runtimes.preprocess import to_rgb_uint8
+
+    ds = synthetic_dataset(per_class=1, seed=4)
+    big = Image.fromarray(ds.images[2]).resize((640, 480), Image.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    exact = to_rgb_uint8(tmp_path / "big.jpg", 64).astype(int)
+    fast = to_rgb_uint8(tmp_path / "big.jpg", 64, fast_jpeg=True).astype(int)
+    assert not np.array_equal(exact, fast)  # the draft path really decoded at another scale
+    assert np.abs(exact - fast).mean() < 2.0  # and lands close to the exact pixels
+    png = tmp_path / "big.png"  # draft mode is JPEG only: other formats take the exact path
+    assert np.array_equal(to_rgb_uint8(png, 64), to_rgb_uint8(png, 64, fast_jpeg=True))
