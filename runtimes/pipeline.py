@@ -5,10 +5,11 @@ copy of this file, edgecnn_pipeline.py) all run this code; the result files are 
 ``edgecnn.runtimes.tables``. Memory is bounded: paths are read lazily and at most ``workers + 1``
 batches are decoded ahead of the model.
 
-Measured on 2 cores (benchmarks/bulk_predict.py, results/bulk_predict.md): decoding threads beat
-worker processes (Pillow releases the GIL in JPEG decode and resize, and a thread hands its batch to the
-model without pickling), and the model's runtime gets one thread, because decoding, not inference,
-is the cost (4 ms a photo against 0.2-0.5 ms for the network).
+Measured on 2 shared cores (benchmarks/bulk_predict.py -> results/bulk_predict.md): decode threads and
+decode processes came out within noise of each other, so threads are the default (no start-up, no
+pickling, nothing to spawn from the bundle's predict.py); ``executor="process"`` is there. The model's
+runtime is given one thread by the callers, as decoding, not inference, is the cost (a 640x480 JPEG takes
+milliseconds to decode, the network a fraction of one).
 """
 
 from __future__ import annotations
