@@ -124,8 +124,16 @@ def cli():
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--nproc", type=int, default=None,
               help="Train with N processes (DistributedDataParallel via torchrun; gloo on CPU, nccl on GPU).")
-def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress, nproc):
-    """Train the seed Net and write a checkpoint with its metadata."""
+@click.option("--mean", default=None, metavar="R,G,B", help="Normalization mean (0..1 scale) [default: measured "
+              "on the training images].")
+@click.option("--std", default=None, metavar="R,G,B", help="Normalization std [default: measured on the training images].")
+def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress, nproc, mean, std):
+    """Train the seed Net and write a checkpoint with its metadata (class names: the --data class folders)."""
+    from .labels import parse_triple
+
+    if (mean is None) != (std is None):
+        raise InvalidInputError("give --mean and --std together")
+    norm = (parse_triple(mean, "--mean"), parse_triple(std, "--std", positive=True)) if mean is not None else None
     if nproc is not None and not os.environ.get("RANK"):
         from .distributed import launch
 
@@ -136,19 +144,20 @@ def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, 
         args = ["--epochs", epochs, "--batch-size", batch_size, "--lr", lr, "--seed", seed, "--per-class", per_class,
                 "--val-fraction", val_fraction, "-o", output, "--progress" if progress else "--no-progress"]
         args += (["--data", data] if data else []) + (["--threads", threads] if threads else [])
+        args += ["--mean", mean, "--std", std] if norm else []
         rc = launch(nproc, [str(a) for a in args])
         if rc != 0:
             click.echo(f"edgecnn: error: distributed training failed (torchrun exit code {rc})", err=True)
             sys.exit(1)
         return
-    res = _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress)
+    res = _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress, norm)
     if os.environ.get("RANK", "0") != "0":
         return
     click.echo(f"validation accuracy {res.val_accuracy * 100:.2f}% after {len(res.history)} epochs "
                f"({res.seconds:.0f} s); wrote {output}")
 
 
-def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress):
+def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress, norm=None):
     from .data import load_dataset
     from .train import TrainConfig, train_to_file
 
@@ -164,7 +173,7 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})", err=True)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
-                      threads=threads, progress=progress)
+                      threads=threads, progress=progress, norm=norm)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one rank of a DDP job
         from .distributed import train_ddp
 
@@ -187,11 +196,25 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
 @click.option("--embed-preprocessing", is_flag=True,
               help="Input uint8 RGB [N,64,64,3]; cast, /255, mean/std and layout change inside the graph.")
 @click.option("--embed-softmax", is_flag=True, help="With --embed-preprocessing: output probabilities, not logits.")
+@click.option("--labels", default=None, metavar="FILE|a,b,c|DIR",
+              help="Class names: a file with one name a line, a comma list, or an ImageFolder (its sorted class "
+                   "folders) [default: the checkpoint's, else class_0..].")
+@click.option("--mean", default=None, metavar="R,G,B", help="Normalization mean on the 0..1 scale, e.g. "
+              "0.485,0.456,0.406 [default: the checkpoint's, else 0.5,0.5,0.5].")
+@click.option("--std", default=None, metavar="R,G,B", help="Normalization std, e.g. 0.229,0.224,0.225 "
+              "[default: the checkpoint's, else 0.25,0.25,0.25].")
 def export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize, embed_preprocessing,
-           embed_softmax):
+           embed_softmax, labels, mean, std):
     """Export a checkpoint (edgecnn's or a bare Net state_dict) to ONNX, checked against PyTorch."""
+    from .labels import parse_labels, parse_triple
+
+    given = {"class_names": parse_labels(labels) if labels is not None else None,
+             "mean": parse_triple(mean, "--mean") if mean is not None else None,
+             "std": parse_triple(std, "--std", positive=True) if std is not None else None}
     res = _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize,
-                  embed_preprocessing=embed_preprocessing, embed_softmax=embed_softmax)
+                  embed_preprocessing=embed_preprocessing, embed_softmax=embed_softmax, **given)
+    if res.note:
+        click.echo(res.note, err=True)
     for name, detail in res.passes:
         click.echo(f"graph pass {name}: {detail}")
     if not optimize:

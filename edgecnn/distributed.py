@@ -95,7 +95,7 @@ def _train_rank(info: DistInfo, ds: Dataset, cfg: TrainConfig, out: Path, log) -
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data.distributed import DistributedSampler
 
-    from .train import evaluate
+    from .train import evaluate, one_cycle
 
     main = info.rank == 0
     say = (log or (lambda s: print(s, file=sys.stderr))) if main else (lambda s: None)
@@ -106,7 +106,7 @@ def _train_rank(info: DistInfo, ds: Dataset, cfg: TrainConfig, out: Path, log) -
     train_ds, val_ds = split(ds, cfg.val_fraction, cfg.seed)
     if len(train_ds) < info.world_size or len(val_ds) == 0:
         raise InvalidInputError("not enough images to split across the processes and a validation set")
-    mean, std = train_ds.mean_std()
+    mean, std = cfg.norm or train_ds.mean_std()
     xt = torch.from_numpy(train_ds.tensors(mean, std))
     yt = torch.from_numpy(train_ds.labels)
     shard = slice(info.rank, None, info.world_size)  # validation: every rank a disjoint part
@@ -120,8 +120,7 @@ def _train_rank(info: DistInfo, ds: Dataset, cfg: TrainConfig, out: Path, log) -
                                  shuffle=True, seed=cfg.seed, drop_last=False)  # pads to equal shards
     steps_per_epoch = math.ceil(len(sampler) / batch)
     opt = torch.optim.Adam(ddp.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.25)
+    sched = one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * info.rank)
     say(f"distributed: {info.world_size} processes, backend {info.backend}, device {info.device.type}, "
         f"{len(sampler)} training images per process, batch {batch} per process ({batch * info.world_size} global)")

@@ -28,6 +28,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     threads: int | None = None
     progress: bool = True
+    norm: tuple[list[float], list[float]] | None = None  # (mean, std) given by the user; else measured
 
 
 @dataclass
@@ -61,10 +62,10 @@ def train(ds: Dataset, cfg: TrainConfig, log: Callable[[str], None] | None = Non
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_ds, val_ds = split(ds, cfg.val_fraction, cfg.seed)
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise InvalidInputError("not enough images to split into training and validation sets")
-    mean, std = train_ds.mean_std()
+    train_ds, val_ds, note = split_for_training(ds, cfg.val_fraction, cfg.seed)
+    if note:
+        log(note)
+    mean, std = cfg.norm or train_ds.mean_std()
     xt = torch.from_numpy(train_ds.tensors(mean, std))
     yt = torch.from_numpy(train_ds.labels)
     xv = torch.from_numpy(val_ds.tensors(mean, std))
@@ -72,8 +73,7 @@ def train(ds: Dataset, cfg: TrainConfig, log: Callable[[str], None] | None = Non
 
     net = Net(len(ds.class_names))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    steps = cfg.epochs * ((len(yt) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+    sched = one_cycle(opt, cfg.lr, cfg.epochs * ((len(yt) + cfg.batch_size - 1) // cfg.batch_size))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     t0 = time.perf_counter()
@@ -104,6 +104,30 @@ def train(ds: Dataset, cfg: TrainConfig, log: Callable[[str], None] | None = Non
     seconds = time.perf_counter() - t0
     ckpt = make_checkpoint(net, ds, mean, std, cfg, history, len(yt), len(yv), seconds)
     return TrainResult(ckpt, history, history[-1]["val_accuracy"], seconds)
+
+
+def one_cycle(opt, lr: float, steps: int):
+    """OneCycleLR over ``steps`` optimizer steps, or a constant rate when there are too few for its phases.
+
+    OneCycleLR divides by the length of its warm-up phase (pct_start * steps - 1): with pct_start 0.25 and
+    4 steps (a tiny folder for one epoch) that is 0 and it raises ZeroDivisionError; under 8 steps its
+    phases are too short to mean anything anyway.
+    """
+    if steps >= 8:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def split_for_training(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, str]:
+    """The stratified split; with too few images for one (e.g. one image per class), validate on the
+    training images and say so, rather than refusing."""
+    if len(ds) == 0:
+        raise InvalidInputError("no images to train on")
+    train_ds, val_ds = split(ds, val_fraction, seed)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        return ds, ds, (f"note: {len(ds)} image(s) are too few for a validation split; validation accuracy "
+                        "is measured on the training images (it says nothing about new images)")
+    return train_ds, val_ds, ""
 
 
 def make_checkpoint(net: nn.Module, ds: Dataset, mean, std, cfg: TrainConfig, history: list[dict],

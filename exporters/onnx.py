@@ -27,6 +27,7 @@ class ExportResult:
     parity: list = field(default_factory=list)  # VerifyRow per parity check that ran
     verdict: object = None  # edgecnn.verify.Verdict of the check
     passes: list = field(default_factory=list)  # graph passes applied (name, detail)
+    note: str | None = None  # which labels / normalization were assumed, and how to set them
 
 
 def _import_onnx():
@@ -62,25 +63,30 @@ def add_metadata(model, meta: dict[str, str]) -> None:
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, opset: int = DEFAULT_OPSET,
            dynamic_batch: bool = False, check: bool = True, data: str | os.PathLike | None = None,
            rtol: float | None = None, atol: float | None = None, optimize: bool = True,
-           embed_preprocessing: bool = False, embed_softmax: bool = False) -> ExportResult:
+           embed_preprocessing: bool = False, embed_softmax: bool = False, class_names: list[str] | None = None,
+           mean: list[float] | None = None, std: list[float] | None = None) -> ExportResult:
     """Export ``checkpoint`` to ONNX at ``out`` (default: beside it, .onnx).
 
     The file is written to a temp path, checked with onnx.checker (full_check), compared with
     PyTorch on ONNX Runtime CPU, and only then renamed into place. ``optimize`` applies the exact
     graph passes of edgecnn.exporters.passes (recorded in ``result.passes``). ``embed_preprocessing``
     makes the input raw uint8 RGB (N, H, W, 3) with the normalization inside the graph
-    (edgecnn.exporters.embed); ``embed_softmax`` also ends the graph in Softmax.
+    (edgecnn.exporters.embed); ``embed_softmax`` also ends the graph in Softmax. ``class_names``,
+    ``mean``, ``std`` replace what the checkpoint carries (or the defaults it would get: then
+    ``result.note`` says what was assumed).
     """
     if embed_softmax and not embed_preprocessing:
         raise InvalidInputError("--embed-softmax needs --embed-preprocessing")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InvalidInputError(f"opset {opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     onnx = _import_onnx()
-    ckpt = load_checkpoint(checkpoint)
+    from edgecnn.checkpoint import assumption_note, with_overrides
+
+    ckpt = with_overrides(load_checkpoint(checkpoint), class_names, mean, std)
     out = Path(out) if out is not None else Path(checkpoint).with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise InvalidInputError(f"{out}: the output file must end in .onnx")
-    result = ExportResult(out, opset, dynamic_batch)
+    result = ExportResult(out, opset, dynamic_batch, note=assumption_note(ckpt))
     with atomic_path(out) as tmp:
         torch_to_onnx(ckpt, tmp, opset, dynamic_batch)
         model = onnx.load(str(tmp))
