@@ -25,18 +25,51 @@ _EXTRA_FOR = {"torch": "cpu", "onnx": "cpu", "tqdm": "cpu", "onnxruntime": "devi
               "nncf": "quantize", "matplotlib": "plot"}
 
 
+def _clear_progress() -> None:
+    """Close every live tqdm bar (they write to stderr with leave=False, so closing clears the line)."""
+    mod = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(mod, "tqdm", None), "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a broken bar must not hide the error line
+            pass
+
+
 class _Group(click.Group):
-    """Turns every EdgeCNNError into one line on stderr and its exit code; never a traceback."""
+    """Turns every EdgeCNNError into one line on stderr and its exit code; never a traceback.
+
+    click's own usage errors (a missing required option, a bad value, an unknown option or command)
+    become one ``edgecnn: error:`` line with exit code 2 too, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.ClickException as e:
+            _clear_progress()
+            msg = " ".join(e.format_message().split())
+            where = getattr(getattr(e, "ctx", None), "command_path", None)
+            hint = f" (see '{where} --help')" if isinstance(e, click.UsageError) and where else ""
+            click.echo(f"edgecnn: error: {msg}{hint}", err=True)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        except click.exceptions.Abort:
+            _clear_progress()
+            click.echo("edgecnn: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except EdgeCNNError as e:
+            _clear_progress()
             click.echo(f"edgecnn: error: {e}", err=True)
             ctx.exit(e.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
+            _clear_progress()
             click.echo("edgecnn: interrupted", err=True)
             ctx.exit(130)
         except ModuleNotFoundError as e:
@@ -46,12 +79,14 @@ class _Group(click.Group):
             if top not in _EXTRA_FOR:
                 raise
             err = MissingDependencyError(top, _EXTRA_FOR[top], f"`{ctx.invoked_subcommand}`")
+            _clear_progress()
             click.echo(f"edgecnn: error: {err}", err=True)
             ctx.exit(err.exit_code)
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if os.environ.get("EDGECNN_DEBUG"):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _clear_progress()
             click.echo(f"edgecnn: internal error: {type(e).__name__}: {first[:200]} "
                        f"(set EDGECNN_DEBUG=1 for a traceback and report it)", err=True)
             ctx.exit(EXIT_INTERNAL)
@@ -291,7 +326,8 @@ def _verify(model, against, runtimes, precision, rtol, atol, data, options=None,
 @cli.command()
 @click.argument("model", type=click.Path(), required=False)
 @click.option("--runtime", "runtimes", default="ort-cpu", show_default=True, callback=_csv,
-              help="Comma-separated runtimes (ort-cpu, openvino, torch, ort-cuda, ...).")
+              help="Comma-separated runtimes (ort-cpu, openvino, torch, ort-cuda, ...), or 'all' (those not "
+                   "usable here are listed as skipped, with the reason).")
 @click.option("--precision", "precisions", default="fp32", show_default=True, callback=_csv,
               help="Comma-separated: fp32, bf16, fp16, int8 (int8 uses MODEL's .int8 sibling or quantizes it).")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, callback=_csv_ints)
@@ -335,6 +371,15 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
         precisions = [graph if graph != "fp32" else opts.get("precision", "fp32")]
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"{model}: no such model file")
+    from edgecnn.runtimes import get_runtime_class, runtime_names
+
+    if runtimes == ["all"]:
+        if options:
+            raise InvalidInputError("-O/--option applies to the runtimes you name; not with --runtime all")
+        runtimes = runtime_names()
+    else:
+        runtimes = [get_runtime_class(n).name for n in runtimes]  # an unknown name fails here (exit 2)
+    sw.fail_fast(runtimes)  # none usable (e.g. ort-cuda without a GPU): say so before anything is measured
     cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
     bar = _bar(cells)
     res = sw.sweep(model, runtimes, precisions, batches, threads, min_time=min_time, warmup=warmup,

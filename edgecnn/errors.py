@@ -42,6 +42,12 @@ class RuntimeUnavailableError(EdgeCNNError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class UnknownRuntimeError(InvalidInputError, RuntimeUnavailableError):
+    """A runtime name that no backend registered: a bad option (exit 2), not an unusable runtime."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class MissingDependencyError(RuntimeUnavailableError):
     """An optional package is not installed; the message names the pip extra."""
 

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EdgeCNNError, InvalidInputError
+from .errors import EdgeCNNError, InvalidInputError, RuntimeUnavailableError
 
 
 @dataclass
@@ -111,6 +111,7 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
     log = log or (lambda s: None)
     if not batches or min(batches) < 1:
         raise InvalidInputError("batch sizes must be >= 1")
+    fail_fast(runtimes)
     with tempfile.TemporaryDirectory(prefix="edgecnn-sweep-") as td:
         tmp = Path(td)
         if model is None:
@@ -121,6 +122,9 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
             raise InvalidInputError(f"{model}: no such model file")
         num_classes = _num_classes(model)
         configs = plan(model, runtimes, precisions, threads, tmp, log)
+        if configs and all(c.skipped for c in configs):  # refuse before measuring the roofline
+            raise RuntimeUnavailableError("no configuration can run here: " + "; ".join(
+                dict.fromkeys(f"{c.runtime} {c.precision}: {c.skipped}" for c in configs)))
         max_threads = max((t for t in threads if t), default=None)
         res = SweepResult(describe(), net_flops(num_classes), None, max_threads)
         if roofline:
@@ -146,6 +150,21 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
                 if progress:
                     progress(r)
     return res
+
+
+def fail_fast(runtimes: list[str]) -> None:
+    """When no runtime asked for is usable here (e.g. ort-cuda without a GPU), say why at once:
+    before the default model is exported and before anything is measured."""
+    from edgecnn.runtimes import get_runtime_class
+
+    why = {}
+    for rt in runtimes:
+        ok, reason = get_runtime_class(rt).available()
+        if ok:
+            return
+        why[rt] = reason
+    if why:
+        raise RuntimeUnavailableError("; ".join(f"runtime {rt} is not usable here: {r}" for rt, r in why.items()))
 
 
 def _num_classes(model: Path) -> int:

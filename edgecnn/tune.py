@@ -98,7 +98,6 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
         raise InvalidInputError("--objective must be throughput or latency")
     threads = threads or sorted({1, os.cpu_count() or 1})
     out_dir = Path(out_dir) if out_dir else model.with_name(model.stem + ".tuned")
-    out_dir.mkdir(parents=True, exist_ok=True)
     from edgecnn.exporters.meta import onnx_metadata
     from edgecnn.runtimes.artifact import describe
 
@@ -108,6 +107,7 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
         raise InvalidInputError(f"{model}: is {graph} (read from its graph); tune starts from the fp32 model")
     names, _, _ = model_classes_and_norm(meta)
     data = quant_data(calib, meta, 300)
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Every variant accepts any batch: the fp32 file gets a symbolic batch axis if it has none.
     fp32 = out_dir / "model.fp32.onnx"
     relax_batch(model, fp32)
@@ -125,8 +125,10 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
             res = quantize(fp32, out_dir / f"model.int8{'.ov' if backend == 'openvino' else ''}{suffix}",
                            backend=backend, calib=calib, max_drop=max_drop)
             variants[runtime] = res.path
-            log(f"int8 ({backend}): accuracy {res.report.acc_quant * 100:.2f}% "
-                f"(drop {res.report.drop_points:.2f} points)")
+            rep = res.report
+            log(f"int8 ({backend}): " + (f"top-1 agreement with fp32 {rep.agreement * 100:.2f}% (no labels)"
+                                         if rep.acc_quant is None or rep.acc_quant != rep.acc_quant else
+                                         f"accuracy {rep.acc_quant * 100:.2f}% (drop {rep.drop_points:.2f} points)"))
         except ParityError as e:
             log(f"int8 ({backend}) refused by the accuracy gate: {e}")
     ref = {k: logits("ort-cpu", fp32, v) for k, v in data.inputs.batches.items()}

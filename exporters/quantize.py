@@ -101,7 +101,10 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
         batches = data.inputs.batches
         ref = {k: logits("ort-cpu", src, v) for k, v in batches.items()}
-        notes: list[str] = []
+        notes: list[str] = list(data.notes)
+        if data.labels is None:
+            notes.append("no labels given: judged by top-1 agreement with fp32 and the logit-error bounds, not by "
+                         "the accuracy drop (give DIR/<class>/<image> with the model's classes for that)")
         if backend == "openvino":
             writer = _openvino_int8 if precision == "int8" else _openvino_fp16
             runtime = "openvino"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata as md
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 
@@ -50,3 +53,24 @@ def ort_conflict() -> str | None:
             f"pip install {'onnxruntime-gpu' if 'onnxruntime-gpu' in dists else dists[0]}"
         )
     return None
+
+
+def nvidia_gpu_visible() -> tuple[bool, str]:
+    """(an NVIDIA GPU looks present, what was looked at). Cheap: files and the driver library, no CUDA init."""
+    try:
+        gpus = Path("/proc/driver/nvidia/gpus")
+        if gpus.is_dir() and any(gpus.iterdir()):
+            return True, "/proc/driver/nvidia/gpus"
+        if Path("/dev/dxg").exists():  # WSL2: the GPU is behind /dev/dxg and libcuda from /usr/lib/wsl
+            return True, "/dev/dxg"
+        if shutil.which("nvidia-smi"):
+            return True, "nvidia-smi"
+        for lib in (("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so")):
+            try:
+                ctypes.CDLL(lib)
+                return True, lib
+            except OSError:
+                continue
+    except Exception:  # noqa: BLE001 - never raises; when unsure, let the real checks speak
+        return True, "unknown"
+    return False, "no /proc/driver/nvidia/gpus, no nvidia-smi, no NVIDIA driver library (libcuda)"

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgecnn.errors import InvalidInputError, InvalidModelError, RuntimeUnavailableError
+from edgecnn.errors import InvalidInputError, InvalidModelError, RuntimeUnavailableError, UnknownRuntimeError
 
 _REGISTRY: dict[str, type[Runtime]] = {}
 
@@ -38,7 +38,7 @@ def get_runtime_class(name: str) -> type[Runtime]:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RuntimeUnavailableError(
+        raise UnknownRuntimeError(
             f"unknown runtime {name!r}{hint}; known: {', '.join(runtime_names())}"
         ) from None
 

@@ -218,17 +218,23 @@ class _OrtGpu(_OrtRuntime):
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
+        # No GPU at all is said first (cheap checks, nothing loaded), with what else is missing after it.
+        visible, looked = _deps.nvidia_gpu_visible()
         want = cls.providers[0]
+        why = ""
         ort, have, why = cls._probe("onnxruntime-gpu is not installed (pip install 'edgecnn[gpu]')")
-        if ort is None:
-            return False, why
-        if want not in have:
+        if ort is not None and want not in have:
             dists = _deps.ort_distributions()
             if "onnxruntime-gpu" not in dists:
                 found = ", ".join(f"{d} {_deps.dist_version(d)}" for d in dists) or "onnxruntime"
-                return False, (f"onnxruntime-gpu is not installed (found {found}, which has no {want}): "
-                               f"pip uninstall -y {' '.join(dists) or 'onnxruntime'} && pip install 'edgecnn[gpu]'")
-            return False, f"{want} is not in this onnxruntime-gpu build (has {', '.join(have)})"
+                why = (f"onnxruntime-gpu is not installed (found {found}, which has no {want}): "
+                       f"pip uninstall -y {' '.join(dists) or 'onnxruntime'} && pip install 'edgecnn[gpu]'")
+            else:
+                why = f"{want} is not in this onnxruntime-gpu build (has {', '.join(have)})"
+        if not visible and "both installed" not in why:
+            return False, f"no NVIDIA GPU visible ({looked})" + (f"; besides, {why}" if why else "")
+        if why:
+            return False, why
         missing = gpu_libraries_missing(ort, tensorrt=want.startswith("Tensorrt"))
         if missing:
             return False, missing
