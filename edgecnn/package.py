@@ -24,6 +24,8 @@ PREPROCESS_FILE = "edgecnn_preprocess.py"
 # The device needs these and nothing else (no torch, no onnx, no edgecnn). Lower bounds, not pins:
 # a device's Python may not have wheels of the exact versions tested (those are in the manifest).
 REQUIREMENTS = ("numpy>=1.24", "pillow>=10.0", "onnxruntime>=1.18")
+# A bundle of `edgecnn tune`'s winner on OpenVINO (deploy.json) runs OpenVINO instead of ONNX Runtime.
+REQUIREMENTS_FOR = {"ort-cpu": REQUIREMENTS, "openvino": ("numpy>=1.24", "pillow>=10.0", "openvino>=2024.4")}
 _EDGECNN_IMPORT = "from edgecnn.errors import InvalidInputError\n"
 _STANDIN = ('class InvalidInputError(ValueError):\n'
             '    """A bad image (stand-in for edgecnn.errors.InvalidInputError; same name, same message)."""\n')
@@ -90,22 +92,43 @@ def _versions() -> dict[str, str | None]:
             "numpy": dist_version("numpy"), "pillow": dist_version("pillow")}
 
 
-def inspect_model(path: Path) -> ModelFile:
-    """Read what the manifest records about one .onnx file, and make sure ONNX Runtime CPU can run it."""
+def _openvino_version() -> str | None:
+    from edgecnn.runtimes._deps import dist_version
+
+    return dist_version("openvino")
+
+
+def _spec_from_runtime(rt) -> tuple[dict, dict]:
+    n, c, h, w = rt.input_shape
+    batch = n if n is not None else "batch"
+    if rt.input_layout == "NHWC-uint8":
+        inp = {"name": "image", "dtype": "uint8", "shape": [batch, h, w, c]}
+    else:
+        inp = {"name": "input", "dtype": "float32", "shape": [batch, c, h, w]}
+    return inp, {"name": "output", "dtype": "float32", "shape": [batch, None]}
+
+
+def inspect_model(path: Path, runtime: str = "ort-cpu") -> ModelFile:
+    """Read what the manifest records about one model file, and make sure ``runtime`` can run it."""
     from edgecnn.runtimes import Classifier
+
+    if path.suffix.lower() == ".xml" and runtime == "openvino":
+        return _inspect_ir(path)
 
     try:
         import onnx  # not edgecnn.exporters.onnx: that one imports torch, which packaging does not need
     except ImportError:
         raise MissingDependencyError("onnx", "cpu", "edgecnn package") from None
     if path.suffix.lower() != ".onnx" or not path.is_file():
-        raise InvalidInputError(f"{path}: expected an existing .onnx file (the bundle runs ONNX Runtime)")
+        raise InvalidInputError(f"{path}: expected an existing .onnx file (the bundle runs ONNX Runtime)"
+                                + ("; an OpenVINO IR is bundled through the deploy.json of `edgecnn tune`"
+                                   if path.suffix.lower() == ".xml" else ""))
     try:
         model = onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 - the onnx package raises several untyped errors
         raise InvalidModelError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     meta = {p.key: p.value for p in model.metadata_props}
-    with Classifier(path, runtime="ort-cpu") as clf:  # loads, probes, validates the metadata
+    with Classifier(path, runtime=runtime) as clf:  # loads, probes, validates the metadata
         names = list(clf.class_names)
         layout = clf.runtime.input_layout
         embedded_softmax = clf.embedded_softmax
@@ -129,16 +152,60 @@ def inspect_model(path: Path) -> ModelFile:
     return ModelFile(path, entry, names)
 
 
-def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike) -> list[dict]:
-    """Each model judged against the PyTorch checkpoint on ort-cpu (edgecnn.verify, its default rules and
-    inputs); rows as dicts, each naming the sha256 of the file it judged. Raises ParityError on a failure."""
+def _inspect_ir(path: Path) -> ModelFile:
+    """An OpenVINO IR (.xml + its .bin), read and run through the openvino runtime."""
+    from edgecnn.runtimes import Classifier
+    from edgecnn.runtimes.artifact import describe
+
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        raise InvalidInputError(f"{path}: an OpenVINO IR needs its .xml and the .bin beside it")
+    with Classifier(path, runtime="openvino") as clf:
+        names = list(clf.class_names)
+        layout = clf.runtime.input_layout
+        meta = clf.runtime.metadata()
+        inp, out = _spec_from_runtime(clf.runtime)
+        embedded_softmax = clf.embedded_softmax
+    art = describe(path)
+    entry = {
+        "file": path.name, "weights": path.with_suffix(".bin").name, "format": "openvino-ir",
+        "precision": art.precision, "precision_evidence": art.precision_evidence, "opset": None,
+        "input": {**inp, "layout": layout}, "output": out,
+        "embedded_preprocessing": layout == "NHWC-uint8", "embedded_softmax": embedded_softmax,
+        "mean": json.loads(meta.get("mean", "null")), "std": json.loads(meta.get("std", "null")),
+        "source_sha256": meta.get("source_sha256"), "edgecnn_version": meta.get("edgecnn_version"),
+    }
+    return ModelFile(path, entry, names)
+
+
+def read_deploy(path: str | os.PathLike) -> tuple[Path, dict]:
+    """A deploy.json from `edgecnn tune` -> (its model file, the runtime settings the bundle records)."""
+    from edgecnn.runtimes.deploy import load_config
+
+    model, runtime, opts = load_config(path)
+    if runtime not in REQUIREMENTS_FOR:
+        raise InvalidInputError(f"{path}: runtime {runtime}: a bundle runs {' or '.join(REQUIREMENTS_FOR)}")
+    if not model.is_file():
+        raise InvalidInputError(f"{path}: its model {model} does not exist")
+    opts = dict(opts)
+    deploy = {"runtime": runtime, "precision": opts.pop("precision", "fp32") or "fp32",
+              "threads": opts.pop("threads", None), "options": opts, "config": Path(path).name}
+    return model, deploy
+
+
+def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike, deploy: dict | None = None) -> list[dict]:
+    """Each model judged against the PyTorch checkpoint on ort-cpu, or on the deploy config's runtime with
+    its precision and options (edgecnn.verify, its default rules and inputs); rows as dicts, each naming
+    the sha256 of the file it judged. Raises ParityError on a failure."""
     from .checkpoint import load_checkpoint
     from .verify import judge
 
     ckpt = load_checkpoint(checkpoint)
     rows = []
+    runtime = deploy["runtime"] if deploy else "ort-cpu"
+    precision = deploy["precision"] if deploy and deploy["precision"] != "fp32" else None
+    options = (deploy or {}).get("options") or None
     for m in models:
-        verdict = judge(m.path, ckpt, runtimes=["ort-cpu"])
+        verdict = judge(m.path, ckpt, runtimes=[runtime], precision=precision, options=options)
         verdict.raise_for_status("; the bundle was not written")
         rows += [r.as_dict() for r in verdict.rows]
     return rows
@@ -202,9 +269,16 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise InvalidInputError(f"{out}: exists and is not an empty folder (use --force to replace it)")
     paths = [Path(m) for m in models]
+    deploy = None
+    if any(p.suffix.lower() == ".json" for p in paths):
+        if len(paths) != 1:
+            raise InvalidInputError("give a deploy.json alone: it names its model")
+        model, deploy = read_deploy(paths[0])
+        paths = [model]
+    runtime = deploy["runtime"] if deploy else "ort-cpu"
     if len({p.name for p in paths}) != len(paths):
         raise InvalidInputError("two models have the same file name; rename one")
-    files = [inspect_model(p) for p in paths]
+    files = [inspect_model(p, runtime) for p in paths]
     names = files[0].class_names
     for f in files[1:]:
         if f.class_names != names:
@@ -213,7 +287,7 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
         raise InvalidModelError("a class name contains a line break; labels.txt needs one name per line")
     verify = None
     if against is not None:
-        verify = verify_against(files, against)
+        verify = verify_against(files, against, deploy)
     elif verify_json is not None:
         verify = _verify_rows(_read_json(verify_json, "verify"), verify_json)
     bench = _bench_summary(_read_json(bench_json, "bench")) if bench_json is not None else None
@@ -229,12 +303,17 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
     try:
         for f in files:
             shutil.copyfile(f.path, tmp / f.path.name)
+            if f.entry.get("weights"):
+                shutil.copyfile(f.path.with_suffix(".bin"), tmp / f.entry["weights"])
         (tmp / "labels.txt").write_text("".join(n + "\n" for n in names), encoding="utf-8")
         v = _versions()
+        requirements = REQUIREMENTS_FOR[runtime]
+        tested = (f"onnxruntime {v['onnxruntime']}" if runtime == "ort-cpu"
+                  else f"openvino {_openvino_version()}")
         (tmp / "requirements.txt").write_text(
             "# What predict.py needs on the device (no torch). Tested with "
-            f"numpy {v['numpy']}, pillow {v['pillow']}, onnxruntime {v['onnxruntime']}.\n"
-            + "".join(r + "\n" for r in REQUIREMENTS))
+            f"numpy {v['numpy']}, pillow {v['pillow']}, {tested}.\n"
+            + "".join(r + "\n" for r in requirements))
         (tmp / "predict.py").write_text(predict_source(), encoding="utf-8")
         (tmp / PREPROCESS_FILE).write_text(preprocess_source(), encoding="utf-8")
         for module, name in PIPELINE_FILES.items():
@@ -253,7 +332,9 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
             "default_model": files[0].path.name,
             "class_names": names,
             "versions": v,
-            "requirements": list(REQUIREMENTS),
+            "requirements": list(requirements),
+            "runtime": runtime,
+            "deploy": deploy,
             "models": [f.entry for f in files],
             "verify": verify,
             "bench": bench,

@@ -70,8 +70,11 @@ class Runtime(ABC):
             what = "is a directory, not a model file" if path.is_dir() else "no such model file"
             raise InvalidModelError(f"{path}: {what}")
         if path.suffix.lower() not in self.suffixes:
+            others = [n for n, c in sorted(_REGISTRY.items()) if path.suffix.lower() in c.suffixes]
+            hint = f"; use --runtime {others[0]}" if others else ""
             raise InvalidModelError(
                 f"{path}: runtime {self.name} reads {'/'.join(self.suffixes)} files, not {path.suffix or 'this file'}"
+                + hint
             )
         if path.suffix.lower() == ".onnx":
             from .artifact import describe

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Classify images with this bundle's model: python predict.py PATH... [-o out.csv] (numpy, Pillow, onnxruntime only)."""
+"""Classify images with this bundle's model: python predict.py PATH... [-o out.csv] (numpy, Pillow, and
+onnxruntime or, for a bundle of a tuned OpenVINO configuration, openvino)."""
 
 # This file is copied verbatim into every `edgecnn package` bundle as predict.py. It imports nothing
 # from edgecnn: the preprocessing is edgecnn_preprocess.py beside it, generated from the installed
@@ -13,6 +14,7 @@ import argparse
 import hashlib
 import json
 import sys
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +48,7 @@ def _preprocess_module():
 
 
 class BundleModel:
-    """One model of the bundle on ONNX Runtime CPU, with the bundle's labels and preprocessing."""
+    """One model of the bundle on ONNX Runtime CPU (or OpenVINO, for a tuned bundle), with its labels and preprocessing."""
 
     def __init__(self, folder: Path = HERE, model: str | None = None, threads: int | None = None):
         folder = Path(folder)
@@ -58,10 +60,30 @@ class BundleModel:
         entries = {m["file"]: m for m in manifest["models"]}
         if name not in entries:
             raise BundleError(f"no model {name!r} in this bundle; it has {', '.join(entries)}")
-        for f in (name, "labels.txt", "edgecnn_preprocess.py", "edgecnn_pipeline.py", "edgecnn_tables.py"):
-            if _sha256(folder / f) != manifest["files"][f]:
+        entry = entries[name]
+        for f in (name, entry.get("weights"), "labels.txt", "edgecnn_preprocess.py", "edgecnn_pipeline.py",
+                  "edgecnn_tables.py"):
+            if f and _sha256(folder / f) != manifest["files"][f]:
                 raise BundleError(f"{f}: sha256 does not match {MANIFEST} (altered file)", EXIT_CHECK_FAILED)
         self.pre = _preprocess_module()
+        deploy = manifest.get("deploy") or {}
+        runtime = manifest.get("runtime") or "ort-cpu"
+        threads = threads or deploy.get("threads")
+        if runtime == "openvino":
+            meta, in_type, in_shape = self._load_openvino(folder / name, deploy, threads)
+        else:
+            meta, in_type, in_shape = self._load_ort(folder / name, threads)
+        self.labels = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
+        self.mean = json.loads(meta["mean"]) if "mean" in meta else list(self.pre.DEFAULT_MEAN)
+        self.std = json.loads(meta["std"]) if "std" in meta else list(self.pre.DEFAULT_STD)
+        self.uint8 = in_type == "uint8"  # preprocessing embedded in the graph: feed RGB pixels
+        self.softmax_inside = meta.get("embedded_softmax") == "1"
+        self.size = int(in_shape[1] if self.uint8 else in_shape[2])
+        self.fixed_batch = in_shape[0] if isinstance(in_shape[0], int) else None
+        self.class_names = self.labels
+        self.input_size = self.size
+
+    def _load_ort(self, path: Path, threads):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -71,20 +93,53 @@ class BundleModel:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / name), sess_options=so,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.labels = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
-        self.class_names = self.labels
-        self.mean = json.loads(meta["mean"]) if "mean" in meta else list(self.pre.DEFAULT_MEAN)
-        self.std = json.loads(meta["std"]) if "std" in meta else list(self.pre.DEFAULT_STD)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.uint8 = inp.type == "tensor(uint8)"  # preprocessing embedded in the graph: feed RGB pixels
-        self.softmax_inside = meta.get("embedded_softmax") == "1"
-        self.size = int(inp.shape[1] if self.uint8 else inp.shape[2])
-        self.input_size = self.size
-        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self._infer = lambda x: self.session.run(None, {self.input_name: x})[0]
+        return meta, "uint8" if inp.type == "tensor(uint8)" else "float32", list(inp.shape)
+
+    def _load_openvino(self, path: Path, deploy: dict, threads):
+        """The tuned OpenVINO configuration of the bundle's deploy settings (precision, hint, threads)."""
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BundleError("openvino is not installed: pip install -r requirements.txt",
+                              EXIT_UNAVAILABLE) from None
+        opts = deploy.get("options") or {}
+        core = ov.Core()
+        model = core.read_model(str(path))
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[
+            deploy.get("precision") or "fp32"]}
+        if opts.get("hint"):
+            config["PERFORMANCE_HINT"] = str(opts["hint"]).upper()
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        compiled = core.compile_model(model, str(opts.get("device", "CPU")).upper(), config)
+        meta = {}
+        try:
+            info = model.get_rt_info()
+            if "framework" in list(info):
+                meta = {str(k): v.astype(str) if hasattr(v, "astype") else str(v)
+                        for k, v in dict(info["framework"]).items()}
+        except Exception:  # noqa: BLE001 - no metadata: defaults below
+            meta = {}
+        port = compiled.inputs[0]
+        pshape = port.get_partial_shape()
+        shape = [d.get_length() if d.is_static else None for d in pshape]
+        in_type = "uint8" if port.get_element_type().get_type_name() == "u8" else "float32"
+        self._ov_local = threading.local()
+
+        def infer(x):
+            req = getattr(self._ov_local, "request", None)
+            if req is None:
+                req = self._ov_local.request = compiled.create_infer_request()
+            req.infer({0: x})
+            return req.get_output_tensor(0).data.copy()
+
+        self._infer = infer
+        return meta, in_type, shape
 
     def probabilities(self, images: list):
         """Images (paths, PIL images, uint8 arrays) -> float32 probabilities (N, classes)."""
@@ -96,8 +151,7 @@ class BundleModel:
 
         x = rgb if self.uint8 else self.pre.normalize(rgb, self.mean, self.std)
         step = self.fixed_batch or len(x)
-        out = np.concatenate([self.session.run(None, {self.input_name: x[i : i + step]})[0]
-                              for i in range(0, len(x), step)])
+        out = np.concatenate([self._infer(x[i : i + step]) for i in range(0, len(x), step)])
         return out if self.softmax_inside else self.pre.softmax(out)
 
     def classify(self, images: list, top_k: int = 1) -> list[list[tuple[str, float]]]:
