@@ -56,7 +56,7 @@ def new_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def _os_error(path: Path, e: OSError) -> OutputError:
+def output_error(path: Path, e: OSError) -> OutputError:
     name = errno.errorcode.get(e.errno or 0, "")
     why = e.strerror or str(e)
     if e.errno in (errno.EACCES, errno.EPERM):
@@ -158,7 +158,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        raise _os_error(given, e) from None
+        raise output_error(given, e) from None
     finally:
         if tmp_path is not None:
             with contextlib.suppress(OSError):

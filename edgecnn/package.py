@@ -299,6 +299,18 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
                 verify = _verify_rows(obj["verify"], summary)
             bench = bench if bench is not None else (_bench_summary(obj.get("bench")) or None)
 
+    try:
+        return _write_bundle(out, parent, files, names, runtime, deploy, verify, bench)
+    except OSError as e:
+        from ._io import WRITE_ERRNOS, output_error
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise output_error(out, e) from None
+
+
+def _write_bundle(out: Path, parent: Path, files: list[ModelFile], names: list[str], runtime: str,
+                  deploy: dict | None, verify, bench) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     try:
         for f in files:

@@ -59,7 +59,7 @@ def test_predict_and_verify_errors(bad_files, trained):
     assert_one_line_error(cli("predict", trained.onnx, bad_files / "missing.png"), 2)
     assert_one_line_error(cli("verify", trained.onnx, "--against", bad_files / "other.pt"), 2)
     assert_one_line_error(cli("verify", bad_files / "corrupt.onnx", "--against", trained.pt), 2)
-    assert_one_line_error(cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "nope"), 3)
+    assert_one_line_error(cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "nope"), 2)  # bad option
 
 
 def test_train_rejects_bad_data_and_writes_nothing(tmp_path):

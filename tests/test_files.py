@@ -127,3 +127,16 @@ def test_read_only_folder_and_too_long_name(trained, tmp_path):
     with pytest.raises(OutputError, match="name too long"):
         write_text_atomic(long, "{}")
     assert list(tmp_path.iterdir()) == [ro]
+
+
+def test_a_bundle_that_cannot_be_written_is_one_line(trained, tmp_path, monkeypatch, run_cli):
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    r = run_cli("package", trained.onnx, "-o", tmp_path / "bundle")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == f"edgecnn: error: {tmp_path / 'bundle'}: cannot write: permission denied (EACCES)"
+    assert list(tmp_path.iterdir()) == []
