@@ -423,12 +423,15 @@ def _bar(total: int):
 @click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
               help="ort: ONNX Runtime QDQ .onnx; openvino: NNCF -> OpenVINO IR .xml/.bin.")
 @click.option("--calib", default="builtin", show_default=True,
-              help="Calibration images: a folder root/<class>/<image> (a held-out split is kept apart) or 'builtin'.")
+              help="Calibration images: a folder of your own images at any depth (labels come from class folders "
+                   "named like the model's classes, if any; a held-out split is kept apart), or 'builtin' (the "
+                   "demo's six classes only).")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
               help="ONNX Runtime calibration method [default: minmax].")
 @click.option("--calib-samples", type=int, default=256, show_default=True)
 @click.option("--heldout", default=None,
-              help="Labelled images for the accuracy report: root/<class>/<image> or 'builtin' "
+              help="Images for the accuracy report: a folder (labelled when its class folders are the model's "
+                   "classes) or 'builtin' "
                    "[default: a held-out split of --calib, or the built-in set's held-out seed].")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="Refuse (exit 1, nothing written) when held-out top-1 accuracy drops more (points).")
@@ -468,7 +471,8 @@ def quantize(model, precision, backend, calib, calib_method, calib_samples, held
 @click.option("-o", "--output", type=click.Path(), default=None, help="Folder for the variants and deploy.json "
               "(default: MODEL's name + .tuned/).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True, help="Accuracy gate, in top-1 points.")
-@click.option("--calib", default="builtin", show_default=True, help="Calibration/held-out data: builtin or DIR/<class>/<image>.")
+@click.option("--calib", default="builtin", show_default=True, help="Calibration/held-out data: a folder of images at any depth "
+              "(labelled by class folders named like the model's classes, if any), or builtin (the demo's classes).")
 @click.option("--runtime", "runtimes", default="ort-cpu,openvino", show_default=True, callback=_csv)
 @click.option("--threads", default=None, callback=_csv_ints, help="Thread counts to try (default: 1 and all cores).")
 @click.option("--batch", type=int, default=64, show_default=True, help="Batch the throughput objective is timed at.")

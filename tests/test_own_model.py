@@ -55,7 +55,7 @@ def course(tmp_path_factory):
     does (model_state_dict + optimizer + epoch) from a DataParallel-wrapped model, a labels file, and a
     folder of unlabeled images at several depths."""
     d = tmp_path_factory.mktemp("course")
-    x, y = _seven_class_images(60, seed=5)
+    x, y = _seven_class_images(40, seed=5)
     xt = torch.from_numpy(((x / 255.0 - np.array(MEAN)) / np.array(STD)).transpose(0, 3, 1, 2).astype(np.float32))
     yt = torch.from_numpy(y)
     torch.manual_seed(0)
@@ -300,3 +300,18 @@ def test_train_with_one_image_per_class(tmp_path, run_cli):
     assert r.exit_code == 0, r.output
     assert "too few for a validation split" in r.stderr
     assert load_checkpoint(tmp_path / "m.pt").num_classes == 3
+
+
+def test_tune_gate_without_labels_judges_agreement_with_fp32(tmp_path):
+    from edgecnn.tune import Candidate, _gate
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((200, 7)).astype(np.float32) * 4
+    close = Candidate("ort-cpu", "int8", tmp_path / "m.onnx")
+    _gate(close, ref, ref + 0.01, None, 1.0)
+    assert close.gate == "pass" and close.accuracy is None and close.drop_points is None
+    flipped = ref.copy()
+    flipped[:20] = -flipped[:20]  # 10% of the top-1 answers change
+    far = Candidate("ort-cpu", "int8", tmp_path / "m.onnx")
+    _gate(far, ref, flipped, None, 1.0)
+    assert far.gate != "pass" and "agreement" in far.gate
