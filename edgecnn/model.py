@@ -41,12 +41,14 @@ class Net(nn.Module):
 
 def check_state_dict(sd: dict) -> int:
     """Return the class count of a Net state_dict, or a message of what does not fit (ValueError)."""
+    from .labels import format_list
+
     missing = [k for k in EXPECTED_SHAPES if k not in sd]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+        raise ValueError(f"missing {format_list(missing)}")
     extra = [k for k in sd if k not in EXPECTED_SHAPES]
     if extra:
-        raise ValueError(f"unexpected keys {', '.join(extra[:3])}")
+        raise ValueError(f"unexpected keys {format_list(extra, 4)}")
     num_classes = None
     for k, want in EXPECTED_SHAPES.items():
         t = sd[k]

@@ -315,3 +315,12 @@ def test_tune_gate_without_labels_judges_agreement_with_fp32(tmp_path):
     far = Candidate("ort-cpu", "int8", tmp_path / "m.onnx")
     _gate(far, ref, flipped, None, 1.0)
     assert far.gate != "pass" and "agreement" in far.gate
+
+
+def test_a_state_dict_with_extra_keys_is_named_with_a_count(tmp_path):
+    sd = CourseNet(3).state_dict()
+    sd.update({f"head{i}.weight": torch.zeros(2) for i in range(6)})
+    torch.save(sd, tmp_path / "c.pt")
+    with pytest.raises(InvalidModelError, match=r"head0.weight, head1.weight, head2.weight, …, head5.weight "
+                                                r"\(\+2 more, 6 in all\)"):
+        load_checkpoint(tmp_path / "c.pt")
