@@ -322,9 +322,15 @@ def check_metadata(art: ModelArtifact, ckpt) -> list[MetaCheck]:
     """The metadata the device uses, field by field, against the checkpoint; and the graph's own shape."""
     meta = art.metadata
     out: list[MetaCheck] = []
+    # judge: what the checkpoint does not carry (a bare state_dict: class_0.. and the default mean/std were
+    # assumed) cannot be compared; the model's own values (export --labels/--mean/--std) stand.
+    assumed = set(getattr(ckpt, "assumed", ()))
     for key, want in (("class_names", list(ckpt.class_names)), ("mean", list(ckpt.mean)), ("std", list(ckpt.std))):
         if key not in meta:
             out.append(MetaCheck(key, None, want, "absent"))
+            continue
+        if ("labels" if key == "class_names" else "normalization") in assumed:
+            out.append(MetaCheck(key, _json_field(meta, key), "(not in the checkpoint)", "ok"))
             continue
         got = _json_field(meta, key)
         if key == "class_names":

@@ -303,17 +303,20 @@ def test_train_with_one_image_per_class(tmp_path, run_cli):
 
 
 def test_tune_gate_without_labels_judges_agreement_with_fp32(tmp_path):
+    from types import SimpleNamespace
+
     from edgecnn.tune import Candidate, _gate
 
     rng = np.random.default_rng(0)
-    ref = rng.standard_normal((200, 7)).astype(np.float32) * 4
+    ref = {"data": rng.standard_normal((200, 7)).astype(np.float32) * 4}
+    unlabeled = SimpleNamespace(labels=None)
     close = Candidate("ort-cpu", "int8", tmp_path / "m.onnx")
-    _gate(close, ref, ref + 0.01, None, 1.0)
+    _gate(close, ref, {"data": ref["data"] + 0.01}, unlabeled, LABELS, 1.0)
     assert close.gate == "pass" and close.accuracy is None and close.drop_points is None
-    flipped = ref.copy()
+    flipped = ref["data"].copy()
     flipped[:20] = -flipped[:20]  # 10% of the top-1 answers change
     far = Candidate("ort-cpu", "int8", tmp_path / "m.onnx")
-    _gate(far, ref, flipped, None, 1.0)
+    _gate(far, ref, {"data": flipped}, unlabeled, LABELS, 1.0)
     assert far.gate != "pass" and "agreement" in far.gate
 
 
