@@ -91,6 +91,7 @@ class FailedCell:
     precision: str
     batch: int | None
     error: str
+    unavailable: bool = False  # the runtime/device/precision is not usable here (RuntimeUnavailableError)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +210,9 @@ def _bench_one(name: str, path: Path, batches: list[int], tmp: Path, precision: 
             except EdgeCNNError as e:
                 if failed is None:
                     raise
-                failed.append(FailedCell(name, precision, b, str(e)))
+                from .errors import RuntimeUnavailableError
+
+                failed.append(FailedCell(name, precision, b, str(e), isinstance(e, RuntimeUnavailableError)))
                 continue
             row.note = note
             if file_precision and file_precision != "fp32":

@@ -151,6 +151,10 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
                 continue
             for r in rows:
                 r["threads"] = cfg.threads
+                if r.get("failed") and r.get("unavailable"):  # not usable here: skipped, as plan() would
+                    res.skipped.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
+                                        "batch": r["batch"], "reason": r["error"]})
+                    continue
                 if r.get("failed"):
                     log(f"failed: {cfg.runtime} {cfg.precision} batch {r['batch']}: {r['error']}")
                     res.failed.append({k: r.get(k) for k in ("runtime", "precision", "threads", "batch", "error")})
@@ -199,7 +203,8 @@ def table(res: SweepResult) -> str:
         lines.append(f"FAILED: {f['runtime']} {f['precision']} threads={f['threads'] or 'auto'}"
                      f"{'' if f['batch'] is None else ' batch ' + str(f['batch'])}: {f['error']}")
     for s in res.skipped:
-        lines.append(f"skipped: {s['runtime']} {s['precision']} threads={s['threads'] or 'auto'}: {s['reason']}")
+        lines.append(f"skipped: {s['runtime']} {s['precision']} threads={s['threads'] or 'auto'}"
+                     f"{' batch ' + str(s['batch']) if s.get('batch') else ''}: {s['reason']}")
     return "\n".join(lines)
 
 
