@@ -230,7 +230,9 @@ class _OrtGpu(_OrtRuntime):
 
     def _load_error(self, first_line: str) -> Exception:
         low = first_line.lower()
-        if "provider option" in low or "unknown option" in low or "invalid value" in low:
+        # ORT's wordings for a provider option it rejects (provider_options_utils, the pybind TensorRT parser)
+        if any(k in low for k in ("provider option", "ep option", "unknown option", "invalid value",
+                                  "the value for the key")):
             return InvalidInputError(f"{self.name}: ONNX Runtime rejected a provider option: {first_line}")
         if any(k in low for k in ("cuda", "cudnn", "tensorrt", "gpu", "fallback", "provider")):
             return RuntimeUnavailableError(f"{self.name}: cannot create the session: {first_line}")

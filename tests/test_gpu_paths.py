@@ -207,10 +207,19 @@ def test_trt_options_from_the_command_line_are_parsed_and_cannot_change_precisio
         assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "trt_options" in r.stderr
 
 
-def test_option_errors_from_onnx_runtime_are_option_errors(fake_gpu, trained):
+def test_option_errors_from_onnx_runtime_are_option_errors(fake_gpu, trained, tmp_path):
     fake_gpu.reject_option = "trt_made_up"
     with pytest.raises(InvalidInputError, match="rejected a provider option.*trt_made_up"):
         load_runtime("ort-trt", trained.onnx, trt_options={"trt_made_up": "1"})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidInputError, match="cache must be a folder"):
+        load_runtime("ort-trt", trained.onnx, cache_dir=str(tmp_path / "file"))
+
+
+def test_cpu_fallback_is_in_the_device_label(fake_gpu, trained):
+    with load_runtime("ort-cuda", trained.onnx) as strict, load_runtime("ort-cuda", trained.onnx,
+                                                                         cpu_fallback=True) as loose:
+        assert strict.device == "CUDA:0" and loose.device == "CUDA:0+CPU"
 
 
 def test_tensorrt_load_failure_says_why(fake_gpu, trained):
