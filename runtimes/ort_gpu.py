@@ -122,20 +122,6 @@ def trt_failure_reason(log: str) -> str:
     return re.sub(r"^\d{4}-\d\d-\d\d [\d:.]+ ", "", best)[:300]
 
 
-def int8_reason(model) -> str | None:
-    """Why an onnx ModelProto is an int8 model (QDQ or integer ops), else None."""
-    import onnx
-
-    quant_ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                 "MatMulInteger", "DynamicQuantizeLinear"}
-    ops = {n.op_type for n in model.graph.node} & quant_ops
-    if ops:
-        return f"it is an int8 model ({', '.join(sorted(ops))} nodes)"
-    if any(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for t in model.graph.initializer):
-        return "it is an int8 model (int8 weights)"
-    return None
-
-
 class _OrtGpu(_OrtRuntime):
     """Shared by ort-cuda and ort-trt: no CPU fallback, provider checked, IO binding and CUDA graphs."""
 
@@ -188,9 +174,6 @@ class _OrtGpu(_OrtRuntime):
         ort = _import_ort()
         _quiet_preload(ort)  # right before the session: CUDA/cuDNN from the nvidia-* wheels
         super()._load()
-        if self.precision == "fp16" and self._metadata.get("precision") == "int8":
-            raise InvalidInputError(f"{self.model_path}: an int8 file cannot run as {self.name} fp16; run it "
-                                    "with --precision fp32 (its int8 parts stay int8)")
         self.actual_precision = self.precision
         if self.cuda_graph:
             self._setup_cuda_graph(ort)
@@ -199,19 +182,15 @@ class _OrtGpu(_OrtRuntime):
         pass
 
     def _refuse_int8_file(self) -> None:
-        """fp16 of an int8 (QDQ) file would be neither: refused (read from the graph when onnx is here)."""
-        try:
-            import onnx
-        except ImportError:
-            return  # checked from the metadata after loading
-        try:
-            model = onnx.load(str(self.model_path), load_external_data=False)
-        except Exception:  # noqa: BLE001 - the session reports unreadable files
-            return
-        why = int8_reason(model)
-        if why:
-            raise InvalidInputError(f"{self.model_path}: {self.name} fp16 refuses it: {why}; run it with "
-                                    "--precision fp32 (its int8 parts stay int8)")
+        """fp16 of an int8 (QDQ) file would be neither: refused. The precision is read from the graph
+        (runtimes/artifact.py: torch-free, no onnx package needed), never from the metadata."""
+        from .artifact import describe
+
+        art = describe(self.model_path)
+        if art.precision == "int8":
+            raise InvalidInputError(f"{self.model_path}: {self.name} fp16 refuses an int8 model "
+                                    f"({art.precision_evidence}); run it with --precision fp32 (its int8 parts "
+                                    "stay int8)")
 
     def session_options(self, ort):
         so = super().session_options(ort)
@@ -325,9 +304,6 @@ class OrtCuda(_OrtGpu):
     def provider_list(self) -> list:
         return [("CUDAExecutionProvider", self._cuda_options())]
 
-    def _refuse_int8_file(self) -> None:
-        pass  # _model_source reads the graph anyway (it converts it)
-
     def _model_source(self) -> str | bytes:
         if self.precision != "fp16":
             return str(self.model_path)
@@ -340,10 +316,6 @@ class OrtCuda(_OrtGpu):
             model = onnx.load(str(self.model_path))
         except Exception as e:  # noqa: BLE001
             raise InvalidModelError(f"{self.model_path}: not a readable ONNX file: {e}") from None
-        why = int8_reason(model)
-        if why:
-            raise InvalidInputError(f"{self.model_path}: {self.name} fp16 refuses it: {why}; run it with "
-                                    "--precision fp32 (its int8 parts stay int8)")
         if any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
             model = fp16_model(model)
         return model.SerializeToString()

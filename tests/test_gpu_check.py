@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecnn.parity import VerifyRow
+from edgecnn.verify import VerifyRow
 
 ROOT = Path(__file__).resolve().parents[1]
 

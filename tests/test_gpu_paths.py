@@ -351,7 +351,7 @@ def _qdq_copy(src, dst):
 @pytest.mark.parametrize("name", ["ort-cuda", "ort-trt"])
 def test_fp16_refuses_an_int8_qdq_file(fake_gpu, trained, tmp_path, name):
     qdq = _qdq_copy(trained.onnx, tmp_path / "model.int8.onnx")
-    with pytest.raises(InvalidInputError, match="int8 model.*QuantizeLinear"):
+    with pytest.raises(InvalidInputError, match="refuses an int8 model.*QuantizeLinear"):
         load_runtime(name, qdq, precision="fp16")
     assert fake_gpu.created == []
     with load_runtime(name, qdq) as rt:  # fp32 runs it as it is
