@@ -143,3 +143,19 @@ def test_a_failing_configuration_is_a_row_and_the_others_are_measured_and_writte
     assert [(x["runtime"], bool(x["error"])) for x in rows] == [("ort-cpu", False), ("ort-cpu", False),
                                                                 ("openvino", True)]
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_verify_routes_options_per_runtime(trained, run_cli, monkeypatch):
+    import edgecnn.runtimes as rts
+
+    seen, real = [], rts.load_runtime
+
+    def spy(name, path, **kw):
+        seen.append((name, {k: v for k, v in kw.items() if k != "precision"}))
+        return real(name, path, **kw)
+
+    monkeypatch.setattr(rts, "load_runtime", spy)
+    r = run_cli("verify", trained.onnx, "--against", trained.pt, "--runtime", "ort-cpu,openvino",
+                "-O", "hint=throughput", "-O", "ort-cpu.spinning=false")
+    assert r.exit_code == 0, r.output
+    assert dict(seen) == {"ort-cpu": {"spinning": False}, "openvino": {"hint": "throughput"}}
