@@ -367,8 +367,8 @@ class OrtTensorRT(_OrtGpu):
                 try:
                     return super()._create_session(ort, source, so, providers)
                 finally:
-                    with contextlib.suppress(Exception):
-                        ort.set_default_logger_severity(2)  # ORT's default: warnings
+                    with contextlib.suppress(Exception):  # back to edgecnn's setting (ort._import_ort)
+                        ort.set_default_logger_severity(0 if os.environ.get("EDGECNN_DEBUG") else 4)
         finally:
             self._load_log = log["text"]
 
