@@ -28,18 +28,12 @@ warnings.filterwarnings("ignore")
 
 
 def time_fn(fn, inputs: list, min_time: float, warmup: int = 5) -> dict:
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    ts, start = [], time.perf_counter()
-    while len(ts) < 10 or time.perf_counter() - start < min_time:
-        x = inputs[len(ts) % len(inputs)]
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    t = np.asarray(ts) * 1e3
-    b = len(inputs[0])
-    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-            "throughput": float(b * len(t) / (t.sum() / 1e3)), "iterations": len(t)}
+    """edgecnn's timing helper (the one bench uses): warm-up, >= 10 calls and >= min_time, no call cap."""
+    from edgecnn.runtimes.timing import measure
+
+    t = measure(fn, inputs, warmup=warmup, min_time=min_time, min_iters=10, max_iters=None)
+    return {"p50_ms": t.p50_ms, "p99_ms": t.p99_ms, "throughput": t.throughput(len(inputs[0])),
+            "iterations": t.iterations}
 
 
 def build(spec: dict):
@@ -61,7 +55,9 @@ def build(spec: dict):
     if kind == "naive_ort":
         import onnxruntime as ort
 
-        s = ort.InferenceSession(spec["model"])  # defaults, as a user would write it
+        # Defaults, as a user would write them, with the provider named: GPU builds of ONNX Runtime refuse
+        # a session without providers=, and this is the CPU baseline.
+        s = ort.InferenceSession(spec["model"], providers=["CPUExecutionProvider"])
         name = s.get_inputs()[0].name
         return (lambda x: s.run(None, {name: x})[0]), None
     if kind == "ov_default":

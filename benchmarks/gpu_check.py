@@ -9,21 +9,26 @@ not be pip-installed there: the script puts the repository on the path itself. E
     # device, then:
     cat .whl-gpu/part-* > /tmp/onnxruntime_gpu.whl \\
       && python3 -m pip install -q --no-deps --target /tmp/ortgpu /tmp/onnxruntime_gpu.whl \\
-      && PYTHONPATH=/tmp/ortgpu:$PWD python3 benchmarks/gpu_check.py --out-dir "$OUT"
+      && PYTHONPATH=/tmp/ortgpu:$PWD python3 benchmarks/gpu_check.py --out-dir "$OUT" --require cuda
 
 It needs torch, onnx, numpy and Pillow. Without CUDA it prints a "no CUDA" line, still runs the
 parity matrix on what is usable (GPU cells show as skipped with the reason) and writes nothing.
 With CUDA it writes benchmarks/results/gpu_<card>.md (and raw JSON into --out-dir).
+
+``--require cuda`` (``trt``, or ``cuda,trt``) makes a runtime mandatory: the exit code is 3 when it
+did not run (no GPU visible, or a GPU is visible but its parity row or every timed row was skipped
+or failed to load), so a lent machine cannot pass the check by skipping everything. Exit 1: a parity
+FAIL. fp32 rows run with NVIDIA_TF32_OVERRIDE=0 (set here before anything touches CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,24 +48,42 @@ def _bootstrap() -> None:
     edgecnn.__path__.append(str(ROOT))
 
 
-def _timeit(fn, min_time: float, warmup: int, sync=None) -> dict:
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    end = time.perf_counter() + min_time
-    while time.perf_counter() < end or len(times) < 20:
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    import numpy as np
+REQUIRE = {"cuda": "ort-cuda", "trt": "ort-trt"}
 
-    t = np.array(times) * 1e3
-    return {"iters": len(t), "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-            "mean_ms": float(t.mean())}
+
+def _timeit(fn, min_time: float, warmup: int, sync=None) -> dict:
+    """edgecnn's timing helper: warm-up, >= 20 calls and >= min_time, the device synced inside each call."""
+    from edgecnn.runtimes.timing import measure
+
+    t = measure(fn, warmup=warmup, min_time=min_time, min_iters=20, max_iters=None, sync=sync)
+    return {"iters": t.iterations, "p50_ms": t.p50_ms, "p99_ms": t.p99_ms, "mean_ms": t.mean_ms}
+
+
+def require_failures(required: list[str], card: str | None, parity: list, bench: list[list]) -> list[str]:
+    """Why each required runtime did not run (empty: all ran). A runtime ran when its parity row passed or
+    failed (not skipped) and at least one of its timed rows has numbers."""
+    out = []
+    for req in required:
+        rt = REQUIRE[req]
+        if card is None:
+            out.append(f"--require {req}: no GPU visible here, so {rt} did not run")
+            continue
+        prow = [r for r in parity if r.runtime == rt]
+        ran_parity = any(r.status in ("pass", "FAIL") for r in prow)
+        brow = [r for r in bench if str(r[0]).startswith(rt)]
+        ran_bench = any(r[2] != "-" for r in brow)
+        if not (ran_parity and ran_bench):
+            why = next((r.note for r in prow if r.status == "skipped" and r.note), "") or \
+                next((str(r[-1]) for r in brow if r[2] == "-"), "") or "no row"
+            out.append(f"--require {req}: a GPU is visible ({card}) but {rt} did not run: {why[:200]}")
+    return out
+
+
+def _gpu_visible() -> str | None:
+    """The first CUDA card's name as torch sees it, or None."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _model(args, work: Path) -> tuple[Path, Path, Path]:
@@ -82,10 +105,8 @@ def _model(args, work: Path) -> tuple[Path, Path, Path]:
 
 
 def _parity(pt: Path, dyn: Path, cuda: bool, work: Path) -> list:
-    import torch
-
     from edgecnn.checkpoint import load_checkpoint
-    from edgecnn.verify import TOLERANCES, VerifyRow, compare, judge, make_inputs, reference_logits
+    from edgecnn.verify import judge, make_inputs
 
     ckpt = load_checkpoint(pt)
     inputs = make_inputs(ckpt.mean, ckpt.std, ckpt.class_names)  # the judge's default inputs, shared
@@ -96,17 +117,26 @@ def _parity(pt: Path, dyn: Path, cuda: bool, work: Path) -> list:
     rows = judge(dyn, ckpt, runtimes=["ort-cpu"], precision="fp32", inputs=inputs).rows
     rows += judge(dyn, ckpt, runtimes=["ort-cuda"], inputs=inputs).rows
     rows += judge(dyn, ckpt, runtimes=["ort-trt"], inputs=inputs, options=trt).rows
-    if cuda:  # PyTorch eager on the card, fp32 with TF32 off, against PyTorch on the CPU
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        refs = reference_logits(ckpt, inputs.batches)
-        net = ckpt.build_model().cuda()
-        with torch.inference_mode():
-            outs = {k: net(torch.from_numpy(v).cuda()).cpu().numpy() for k, v in inputs.batches.items()}
-        full = compare(refs, outs, TOLERANCES["fp32"], inputs.labels, inputs.class_names)
-        rows.append(VerifyRow("torch-cuda", "fp32", "cuda:0", "pass" if full.passed else "FAIL", full,
-                              "" if full.passed else full.reason))
+    if cuda:
+        rows.append(_torch_cuda_row(ckpt, inputs))
     return rows
+
+
+def _torch_cuda_row(ckpt, inputs):
+    """PyTorch eager on the card, fp32 with TF32 off, against PyTorch on the CPU."""
+    import torch
+
+    from edgecnn.verify import TOLERANCES, VerifyRow, compare, reference_logits
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    refs = reference_logits(ckpt, inputs.batches)
+    net = ckpt.build_model().cuda()
+    with torch.inference_mode():
+        outs = {k: net(torch.from_numpy(v).cuda()).cpu().numpy() for k, v in inputs.batches.items()}
+    full = compare(refs, outs, TOLERANCES["fp32"], inputs.labels, inputs.class_names)
+    return VerifyRow("torch-cuda", "fp32", "cuda:0", "pass" if full.passed else "FAIL", full,
+                     "" if full.passed else full.reason)
 
 
 def _bench(pt: Path, fixed: Path, dyn: Path, args, work: Path) -> list[list]:
@@ -148,6 +178,7 @@ def _bench(pt: Path, fixed: Path, dyn: Path, args, work: Path) -> list[list]:
             ("ort-cuda", "fp32", {}, "ort-cuda fp32 (host in/out)"),
             ("ort-cuda", "fp32", {"io_binding": True}, "ort-cuda fp32 io-binding (on device)"),
             ("ort-cuda", "fp32", {"cuda_graph": True}, "ort-cuda fp32 CUDA graph (host in/out)"),
+            ("ort-cuda", "fp32", {"cuda_graph": True, "io_binding": True}, "ort-cuda fp32 CUDA graph (on device)"),
             ("ort-cuda", "fp16", {"io_binding": True}, "ort-cuda fp16 io-binding (on device)"),
             ("ort-trt", "fp32", {"io_binding": True}, "ort-trt fp32 io-binding (on device)"),
             ("ort-trt", "fp16", {"io_binding": True}, "ort-trt fp16 io-binding (on device)"),
@@ -168,7 +199,11 @@ def _bench(pt: Path, fixed: Path, dyn: Path, args, work: Path) -> list[list]:
                 rows.append([label, batch, "-", "-", "-", 0, f"error: {str(e).strip().splitlines()[0][:120]}"])
                 continue
             with rt:
-                if opts.get("io_binding"):
+                if opts.get("io_binding") and opts.get("cuda_graph"):
+                    xv = rt.graph_input()  # the captured input buffer: replays need no copy
+                    xv.update_inplace(x_host)
+                    add(label, batch, lambda rt=rt, xv=xv: rt.run_device(xv), note=rt.device)
+                elif opts.get("io_binding"):
                     import onnxruntime as ort
 
                     xv = ort.OrtValue.ortvalue_from_numpy(x_host, "cuda", 0)
@@ -194,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timed cell")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[256, 1024])
+    ap.add_argument("--require", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=[],
+                    help="cuda, trt or cuda,trt: exit 3 unless that runtime ran (parity and timing)")
     args = ap.parse_args(argv)
+    bad = [r for r in args.require if r not in REQUIRE]
+    if bad:
+        ap.error(f"--require takes {', '.join(REQUIRE)}, not {', '.join(bad)}")
+    # fp32 means fp32 on every provider: TensorRT reads this once per process (ORT issue 26029).
+    os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 
     try:
         import PIL  # noqa: F401
@@ -207,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgecnn.report import table, verify_table
 
-    cuda = torch.cuda.is_available()
-    card = torch.cuda.get_device_name(0) if cuda else None
+    card = _gpu_visible()
+    cuda = card is not None
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__} from {Path(ort.__file__).parent}, "
           f"providers {', '.join(ort.get_available_providers())}")
     if not cuda:
@@ -226,8 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     heads = ["what", "batch", "p50 ms", "p99 ms", "img/s", "iters", "note"]
     if bench:
         print("\nlatency and throughput:\n" + table(heads, bench))
+    rc = 1 if any(r.status == "FAIL" for r in rows) else 0
+    missing = require_failures(args.require, card, rows, bench)
+    for m in missing:
+        print(f"gpu_check: {m}")
+    if missing:
+        rc = rc or 3
     if not cuda:
-        return 0
+        return rc
     slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")
     from edgecnn._io import write_text_atomic
 
@@ -244,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             {"card": card, "parity": [r.as_dict() for r in rows], "bench": [dict(zip(heads, r, strict=True)) for r in bench]},
             indent=2, default=str))
         write_text_atomic(Path(args.out_dir) / f"gpu_{slug}.md", md)
-    return 1 if any(r.status == "FAIL" for r in rows) else 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -48,20 +48,12 @@ def time_runtime(rt, batch: int, *, warmup: int = 5, min_time: float = 1.0, min_
                  max_iters: int = 10_000, load_s: float = 0.0) -> BenchRow:
     meta = rt.metadata()
     mean, std = _json_or(meta, "mean", (0.5, 0.5, 0.5)), _json_or(meta, "std", (0.25, 0.25, 0.25))
+    from edgecnn.runtimes.timing import measure
+
     inputs = make_inputs(batch, mean, std, raw=getattr(rt, "input_layout", "NCHW") == "NHWC-uint8")
-    for i in range(warmup):
-        rt.run(inputs[i % len(inputs)])
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
-        x = inputs[len(times) % len(inputs)]
-        t0 = time.perf_counter()
-        rt.run(x)
-        times.append(time.perf_counter() - t0)
-    t = np.asarray(times) * 1e3
-    return BenchRow(rt.name, rt.device, getattr(rt, "actual_precision", rt.precision), batch, len(t),
-                    float(np.percentile(t, 50)), float(np.percentile(t, 90)), float(np.percentile(t, 99)),
-                    float(t.mean()), float(batch * len(t) / (t.sum() / 1e3)), load_s)
+    t = measure(rt.run, inputs, warmup=warmup, min_time=min_time, min_iters=min_iters, max_iters=max_iters)
+    return BenchRow(rt.name, rt.device, getattr(rt, "actual_precision", rt.precision), batch, t.iterations,
+                    t.p50_ms, t.p90_ms, t.p99_ms, t.mean_ms, t.throughput(batch), load_s)
 
 
 def _json_or(meta: dict, key: str, default):
@@ -73,17 +65,36 @@ def _json_or(meta: dict, key: str, default):
         return default
 
 
-def relax_batch(onnx_path: Path, out: Path) -> Path:
-    """Copy of a fixed-batch ONNX model with a symbolic batch axis (for batch > 1 timing)."""
+def relax_batch(onnx_path: Path, out: Path, batch: int | None = None) -> Path:
+    """Copy of an ONNX model with a symbolic batch axis (for batch > 1 timing), or with the batch axis
+    pinned to ``batch`` (CUDA graphs capture one fixed shape)."""
     import onnx
 
     m = onnx.load(str(onnx_path))
     for vi in list(m.graph.input) + list(m.graph.output):
         d = vi.type.tensor_type.shape.dim[0]
-        d.ClearField("dim_value")
-        d.dim_param = "batch"
+        if batch is None:
+            d.ClearField("dim_value")
+            d.dim_param = "batch"
+        else:
+            d.ClearField("dim_param")
+            d.dim_value = batch
     onnx.save(m, str(out))
     return out
+
+
+@dataclass
+class FailedCell:
+    """A configuration (or one batch of it) that could not be measured, and why."""
+
+    runtime: str
+    precision: str
+    batch: int | None
+    error: str
+    unavailable: bool = False  # the runtime/device/precision is not usable here (RuntimeUnavailableError)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def default_model(folder: Path, num_classes: int = 6) -> tuple[Path, Path]:
@@ -126,11 +137,10 @@ def model_for_runtime(runtime: str, model: Path) -> Path:
 
 def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[int], *, precision: str = "fp32",
           threads: int | None = None, min_time: float = 1.0, warmup: int = 5, progress=None,
-          options: dict | None = None) -> list[BenchRow]:
-    """Time each runtime in this process; ``options`` go to every runtime (e.g. device, hint)."""
-    from edgecnn.runtimes import load_runtime
-
-    options = options or {}
+          options: dict | None = None, failed: list | None = None) -> list[BenchRow]:
+    """Time each runtime in this process. ``options``: {runtime: {key: value}}, each runtime's own (see
+    edgecnn.runtimes.options.route). With ``failed`` (a list), a batch that cannot be run is recorded
+    there as a FailedCell and the other batches are still measured; without it, the error is raised."""
     if not batches or min(batches) < 1:
         raise InvalidInputError("batch sizes must be >= 1")
     rows: list[BenchRow] = []
@@ -145,35 +155,73 @@ def bench(model: str | os.PathLike | None, runtimes: list[str], batches: list[in
                 raise InvalidInputError(f"{model}: no such model file")
             paths = None
         for name in runtimes:
+            opts = dict((options or {}).get(name) or {})
             if paths is not None:
                 path = paths["pt"] if name == "torch" else paths["onnx"]
             else:
                 path = model_for_runtime(name, model)
-            t0 = time.perf_counter()
-            rt = load_runtime(name, path, precision=precision, threads=threads, **options)
-            load_s = time.perf_counter() - t0
-            file_precision = _graph_precision(path)  # int8 / fp16 files, read from the graph
-            relaxed = None
-            try:
-                for b in batches:
-                    target, note = rt, ""
-                    if rt.input_shape[0] is not None and rt.input_shape[0] != b:
-                        if relaxed is None:
-                            relaxed = load_runtime(name, relax_batch(path, tmp / f"relaxed_{path.name}"),
-                                                   precision=precision, threads=threads, **options)
-                        target, note = relaxed, "batch axis made symbolic for this run"
-                    row = time_runtime(target, b, warmup=warmup, min_time=min_time, load_s=load_s)
-                    row.note = note
-                    if file_precision and file_precision != "fp32":
-                        row.precision = file_precision
-                    rows.append(row)
-                    if progress:
-                        progress(row)
-            finally:
-                rt.close()
-                if relaxed is not None:
-                    relaxed.close()
+            for row in _bench_one(name, path, batches, tmp, precision, threads, min_time, warmup, opts, failed):
+                rows.append(row)
+                if progress:
+                    progress(row)
     return rows
+
+
+def _bench_one(name: str, path: Path, batches: list[int], tmp: Path, precision: str, threads, min_time, warmup,
+               opts: dict, failed: list | None):
+    """Rows for one runtime over the batch sizes. A fixed-batch model runs larger batches through a copy
+    with a symbolic batch axis; with cuda_graph, each batch runs a copy pinned to that batch (one graph
+    per shape). A batch that fails is a FailedCell when ``failed`` is given."""
+    from edgecnn.runtimes import load_runtime
+
+    from .errors import EdgeCNNError
+
+    graphs = bool(opts.get("cuda_graph"))
+    loaded: dict[str, object] = {}
+
+    def get(key: str, file):
+        """The runtime for ``file`` (a path, or a function making the file), loaded once; its error, again."""
+        if key not in loaded:
+            t0 = time.perf_counter()
+            try:
+                file = file() if callable(file) else file
+                loaded[key] = (load_runtime(name, file, precision=precision, threads=threads, **opts),
+                               time.perf_counter() - t0)
+            except EdgeCNNError as e:
+                loaded[key] = e
+        if isinstance(loaded[key], Exception):
+            raise loaded[key]
+        return loaded[key]
+
+    file_precision = _graph_precision(path)  # int8 / fp16 files, read from the graph
+    try:
+        for b in batches:
+            try:
+                if graphs and path.suffix.lower() == ".onnx":
+                    rt, load_s = get(f"b{b}", lambda b=b: relax_batch(path, tmp / f"b{b}_{path.name}", batch=b))
+                    note = f"batch axis pinned to {b} for CUDA graph capture"
+                else:
+                    rt, load_s = get("main", path)
+                    note = ""
+                    if rt.input_shape[0] is not None and rt.input_shape[0] != b:
+                        rt, _ = get("relaxed", lambda: relax_batch(path, tmp / f"relaxed_{path.name}"))
+                        note = "batch axis made symbolic for this run"
+                row = time_runtime(rt, b, warmup=warmup, min_time=min_time, load_s=load_s)
+            except EdgeCNNError as e:
+                if failed is None:
+                    raise
+                from .errors import RuntimeUnavailableError
+
+                failed.append(FailedCell(name, precision, b, str(e), isinstance(e, RuntimeUnavailableError)))
+                continue
+            row.note = note
+            if file_precision and file_precision != "fp32":
+                row.precision = file_precision
+            yield row
+    finally:
+        for v in loaded.values():
+            if not isinstance(v, Exception):
+                v[0].close()
 
 
 def _graph_precision(path: Path) -> str | None:
@@ -190,10 +238,12 @@ def _worker(job: dict) -> list[dict]:
     model = Path(job["model"])
     label = job["precision"]
     run_precision = "fp32" if label == "int8" else label  # an int8 file runs with the runtime's fp32 setting
+    failed: list[FailedCell] = []
     rows = bench(model, [job["runtime"]], job["batches"], precision=run_precision, threads=job["threads"],
-                 min_time=job["min_time"], warmup=job["warmup"], options=job.get("options"))
+                 min_time=job["min_time"], warmup=job["warmup"], options={job["runtime"]: job.get("options") or {}},
+                 failed=failed)
     peak_mb = _peak_rss_mb()
-    out = []
+    out = [{"failed": True, **f.as_dict(), "precision": label} for f in failed]
     for r in rows:
         d = r.as_dict()
         d.update(peak_rss_mb=peak_mb, file_bytes=file_size(model), model=str(model), options=job.get("options") or {})

@@ -112,23 +112,22 @@ def _csv(ctx, param, value):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _options(ctx, param, value) -> dict:
-    """-O KEY=VALUE (repeatable) -> runtime options; true/false and integers are converted."""
-    out: dict = {}
-    for item in value or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        low = raw.strip().lower()
-        val: object = True if low == "true" else False if low == "false" else raw.strip()
-        if isinstance(val, str) and val.lstrip("-").isdigit():
-            val = int(val)
-        out[key.strip()] = val
-    return out
+def _options(ctx, param, value) -> list:
+    """-O [RUNTIME.]KEY=VALUE (repeatable) -> RawOption list; typed and routed per runtime by the command
+    (edgecnn.runtimes.options: each runtime declares its options once)."""
+    from edgecnn.runtimes import runtime_names
+    from edgecnn.runtimes.options import parse_cli
+
+    return parse_cli(value or (), runtime_names())
 
 
-_OPTION_HELP = ("Runtime option KEY=VALUE, repeatable (openvino: device=GPU, hint=throughput; ort-cpu: spinning=false; "
-                "ort-cuda: io_binding=true, cuda_graph=true, device_id=1; ort-trt: cache_dir=DIR).")
+def _option_help() -> str:
+    from edgecnn.runtimes.options import cli_help
+
+    return cli_help()
+
+
+_OPTION_HELP = _option_help()
 
 
 def _write_json(path: str, obj) -> None:
@@ -296,8 +295,8 @@ def verify(model, against, runtimes, precision, rtol, atol, max_drop, data, json
                           ("--data", data), ("--json", json_out), ("--confusion", confusion)):
             if val is not None:
                 args += [flag, str(val)]
-        for k, v in options.items():
-            args += ["-O", f"{k}={v}"]
+        for o in options:
+            args += ["-O", str(o)]
         sys.exit(isolated_cli(args, f"verifying {model}"))
 
     verdict = _verify(model, against, runtimes, precision, rtol, atol, data, options, max_drop)
@@ -316,10 +315,15 @@ def _verify(model, against, runtimes, precision, rtol, atol, data, options=None,
     from .verify import judge
 
     every = runtimes == ["all"]
-    if options and every:
-        raise InvalidInputError("-O/--option applies to the runtimes you name; not with --runtime all")
+    per_runtime = None
+    if options:  # typed and routed before any runtime is loaded: a bad option fails here (exit 2)
+        from edgecnn.runtimes import get_runtime_class, runtime_names
+        from edgecnn.runtimes.options import route_registered
+
+        names = runtime_names() if every else [get_runtime_class(n).name for n in runtimes]
+        per_runtime = route_registered(options, names)
     return judge(model, against, runtimes=None if every else runtimes, precision=precision,
-                 rtol=rtol, atol=atol, max_drop=max_drop, data=data, options=options)
+                 rtol=rtol, atol=atol, max_drop=max_drop, data=data, per_runtime_options=per_runtime)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -372,19 +376,20 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"{model}: no such model file")
     from edgecnn.runtimes import get_runtime_class, runtime_names
+    from edgecnn.runtimes.options import route_registered
 
     if runtimes == ["all"]:
-        if options:
-            raise InvalidInputError("-O/--option applies to the runtimes you name; not with --runtime all")
         runtimes = runtime_names()
     else:
         runtimes = [get_runtime_class(n).name for n in runtimes]  # an unknown name fails here (exit 2)
     sw.fail_fast(runtimes)  # none usable (e.g. ort-cuda without a GPU): say so before anything is measured
+    # Each runtime gets the options it declares (RUNTIME.KEY scopes); a key no runtime takes fails here.
+    per_runtime = route_registered(options, runtimes, common=False)
     cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
     bar = _bar(cells)
     res = sw.sweep(model, runtimes, precisions, batches, threads, min_time=min_time, warmup=warmup,
                    roofline=roofline, log=lambda s: click.echo(s, err=True), progress=lambda r: bar.update(1),
-                   options=options)
+                   options=per_runtime)
     bar.close()
     click.echo(sw.table(res))
     if json_out:
@@ -395,9 +400,13 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
     if plot_out:
         sw.plot(res, plot_out)
         click.echo(f"wrote {plot_out}", err=True)
-    if not res.rows:
+    if not res.rows and not res.failed:
         raise RuntimeUnavailableError("no configuration could run here: " +
                                       "; ".join(f"{s['runtime']} {s['precision']}: {s['reason']}" for s in res.skipped))
+    if res.failed:
+        click.echo(f"edgecnn: error: {len(res.failed)} configuration(s) failed (their errors are in the table"
+                   f"{' and the outputs' if json_out or csv_out else ''}); the other rows were measured", err=True)
+        sys.exit(1)
 
 
 def _bar(total: int):
@@ -531,8 +540,8 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
 
         args = ["predict", str(model), *map(str, images), "--top-k", str(top_k), "--runtime", runtime,
                 "--batch-size", str(batch_size), "--engine", engine]
-        for k, v in options.items():
-            args += ["-O", f"{k}={v}"]
+        for o in options:
+            args += ["-O", str(o)]
         args += (["-o", str(output)] if output else []) + (["--workers", str(workers)] if workers else [])
         args += [flag for flag, on in (("--resume", resume), ("--force", force), ("--fast-decode", fast_decode),
                                        ("--progress", progress), ("--no-progress", progress is False)) if on]
@@ -547,7 +556,14 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
         click.echo(f"{name}: " + ", ".join(f"{row[f'label_{i}']} {row[f'prob_{i}']:.4f}"
                                                   for i in range(1, top_k + 1) if row[f"label_{i}"] is not None))
 
-    opts = bulk.BulkOptions(top_k=top_k, runtime=runtime, options=options, batch_size=batch_size, workers=workers,
+    from edgecnn.runtimes.options import route_registered
+
+    if str(model).lower().endswith(".json") and runtime == "ort-cpu":
+        from edgecnn.runtimes.deploy import load_config
+
+        runtime = load_config(model)[1]  # the deploy config's runtime takes the options
+    typed = route_registered(options, [runtime])[runtime]  # typed before any model is loaded (exit 2)
+    opts = bulk.BulkOptions(top_k=top_k, runtime=runtime, options=typed, batch_size=batch_size, workers=workers,
                             fast_jpeg=fast_decode, engine=engine, ray_address=ray_address, resume=resume,
                             force=force, progress=progress)
     try:

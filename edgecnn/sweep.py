@@ -35,7 +35,8 @@ class SweepResult:
     peak_source: str = ""
     peaks: dict = field(default_factory=dict)  # threads -> measured GFLOP/s (rows use their own)
     rows: list[dict] = field(default_factory=list)  # BenchRow dicts + threads, peak_rss_mb, file_bytes, ...
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # not usable here (never run), with the reason
+    failed: list[dict] = field(default_factory=list)  # ran and failed: runtime, precision, threads, batch, error
 
     @property
     def floor_img_s(self) -> float | None:
@@ -91,11 +92,15 @@ def plan(model: Path, runtimes: list[str], precisions: list[str], threads: list[
 
 def run_config(cfg: Config, batches: list[int], min_time: float, warmup: int, timeout: float = 900,
                options: dict | None = None) -> list[dict]:
-    """Time one configuration in a child process; returns its rows (with peak RSS and file size)."""
+    """Time one configuration in a child process; returns its rows (with peak RSS and file size) and, marked
+    ``failed``, the batches it could not run. Raises if the child itself fails (crash, timeout)."""
     job = {"model": str(cfg.model), "runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
            "batches": batches, "min_time": min_time, "warmup": warmup, "options": options or {}}
-    proc = subprocess.run([sys.executable, "-m", "edgecnn.bench", json.dumps(job)], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgecnn.bench", json.dumps(job, default=str)],
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise InvalidInputError(f"{cfg.runtime} {cfg.precision}: the benchmark process ran over {timeout:g} s") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise InvalidInputError(f"{cfg.runtime} {cfg.precision}: the benchmark process failed: {last[:200]}")
@@ -105,6 +110,8 @@ def run_config(cfg: Config, batches: list[int], min_time: float, warmup: int, ti
 def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list[str], batches: list[int],
           threads: list[int | None], *, min_time: float = 1.0, warmup: int = 5, roofline: bool = True,
           log=None, progress=None, options: dict | None = None) -> SweepResult:
+    """``options``: {runtime: {key: value}}, each runtime's own (edgecnn.runtimes.options.route). A
+    configuration that fails is recorded in ``failed`` with its error; the others are still measured."""
     from .bench import default_model
     from .machine import describe, measure_peak, net_flops
 
@@ -139,9 +146,23 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
                 res.skipped.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
                                     "reason": cfg.skipped})
                 continue
-            rows = run_config(cfg, batches, min_time, warmup, options=options)
+            try:
+                rows = run_config(cfg, batches, min_time, warmup, options=(options or {}).get(cfg.runtime))
+            except EdgeCNNError as e:
+                log(f"failed: {cfg.runtime} {cfg.precision} threads={cfg.threads or 'auto'}: {e}")
+                res.failed.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
+                                   "batch": None, "error": str(e)})
+                continue
             for r in rows:
                 r["threads"] = cfg.threads
+                if r.get("failed") and r.get("unavailable"):  # not usable here: skipped, as plan() would
+                    res.skipped.append({"runtime": cfg.runtime, "precision": cfg.precision, "threads": cfg.threads,
+                                        "batch": r["batch"], "reason": r["error"]})
+                    continue
+                if r.get("failed"):
+                    log(f"failed: {cfg.runtime} {cfg.precision} batch {r['batch']}: {r['error']}")
+                    res.failed.append({k: r.get(k) for k in ("runtime", "precision", "threads", "batch", "error")})
+                    continue
                 peak = res.peaks.get(cfg.threads or os.cpu_count() or 1)
                 if peak and r["precision"] == "fp32" and r["device"] == "CPU":
                     r["floor_img_s"] = peak * 1e9 / res.flops_per_image
@@ -197,19 +218,25 @@ def table(res: SweepResult) -> str:
                  f"{r['floor_pct']:.0f}%" if r.get("floor_pct") is not None else "-", r["load_s"],
                  r["peak_rss_mb"], r["file_bytes"] / 1e6, r.get("note", "")] for r in res.rows])
     lines.append(body)
+    for f in res.failed:
+        lines.append(f"FAILED: {f['runtime']} {f['precision']} threads={f['threads'] or 'auto'}"
+                     f"{'' if f['batch'] is None else ' batch ' + str(f['batch'])}: {f['error']}")
     for s in res.skipped:
-        lines.append(f"skipped: {s['runtime']} {s['precision']} threads={s['threads'] or 'auto'}: {s['reason']}")
+        lines.append(f"skipped: {s['runtime']} {s['precision']} threads={s['threads'] or 'auto'}"
+                     f"{' batch ' + str(s['batch']) if s.get('batch') else ''}: {s['reason']}")
     return "\n".join(lines)
 
 
 def to_csv(res: SweepResult) -> str:
     keys = ["runtime", "device", "precision", "threads", "batch", "iterations", "p50_ms", "p90_ms", "p99_ms",
-            "mean_ms", "throughput", "floor_pct", "load_s", "peak_rss_mb", "file_bytes", "note"]
+            "mean_ms", "throughput", "floor_pct", "load_s", "peak_rss_mb", "file_bytes", "note", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in res.rows:
         w.writerow(r)
+    for f in res.failed:  # measured rows first; each failed configuration/batch is a row with its error
+        w.writerow(f)
     return buf.getvalue()
 
 

@@ -394,7 +394,7 @@ class Cell:
 
 
 def cells_for(art: ModelArtifact, runtimes: list[str] | None, precision: str | None,
-              options: dict | None = None) -> list[Cell]:
+              options: dict | None = None, per_runtime_options: dict[str, dict] | None = None) -> list[Cell]:
     """Rows for MODEL: ``runtimes`` None means every registered runtime that runs MODEL's format
     (torch is the reference, never a row); ``precision`` None means every compute precision each
     runtime supports (fp32 graphs; fp32 alone for runtimes named in ``runtimes``) or the graph's own
@@ -410,10 +410,12 @@ def cells_for(art: ModelArtifact, runtimes: list[str] | None, precision: str | N
     if art.precision != "fp32" and precision not in (None, art.precision):
         raise InvalidInputError(f"{art.path.name} is {art.precision} (read from its graph: {art.precision_evidence});"
                                 f" --precision {precision} does not apply")
-    opts = tuple((options or {}).items())
     cells = []
     for name in names:
         cls = get_runtime_class(name)
+        # ``per_runtime_options``: each runtime's own (routed by edgecnn.runtimes.options), else ``options``.
+        own = (per_runtime_options.get(name) or {}) if per_runtime_options is not None else (options or {})
+        opts = tuple(own.items())
         skip = "" if suffix in cls.suffixes else f"reads {'/'.join(cls.suffixes)} files, not {suffix}"
         if art.precision != "fp32":  # the file decides; the runtime computes at its fp32 setting
             cells.append(Cell(name, art.precision, "fp32", opts, skip))
@@ -527,6 +529,7 @@ class Verdict:
 def judge(model: str | os.PathLike | ModelArtifact, checkpoint, *, runtimes: list[str] | None = None,
           precision: str | None = None, rtol: float | None = None, atol: float | None = None,
           max_drop: float | None = None, data: str | os.PathLike | None = None, options: dict | None = None,
+          per_runtime_options: dict[str, dict] | None = None,
           inputs: Inputs | None = None, name: str | None = None) -> Verdict:
     """Judge MODEL against ``checkpoint`` (a path or a loaded Checkpoint) on ``runtimes`` (None: every
     runtime that runs MODEL's format). Raises InvalidModelError (exit 2) when MODEL cannot be read by
@@ -541,7 +544,7 @@ def judge(model: str | os.PathLike | ModelArtifact, checkpoint, *, runtimes: lis
         runtimes = [get_runtime_class(n).name for n in runtimes]  # unknown names fail here
     if precision is not None:
         tolerance_for(precision, rtol, atol)
-    cells = cells_for(art, runtimes, precision, options)
+    cells = cells_for(art, runtimes, precision, options, per_runtime_options)
     inputs = inputs or make_inputs(ckpt.mean, ckpt.std, ckpt.class_names, data=data)
     if art.embedded_preprocessing:
         inputs = inputs.pixels()

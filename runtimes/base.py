@@ -12,6 +12,13 @@ import numpy as np
 
 from edgecnn.errors import InvalidInputError, InvalidModelError, RuntimeUnavailableError, UnknownRuntimeError
 
+from .options import Option, validate
+
+# Options every runtime takes as keyword arguments of its own (not in option_specs).
+COMMON_OPTIONS: tuple[Option, ...] = (
+    Option("threads", int, None, "intra-op threads (default: the runtime's own choice)", minimum=1),
+)
+
 _REGISTRY: dict[str, type[Runtime]] = {}
 
 
@@ -55,13 +62,16 @@ def load_runtime(name: str, model_path: str | os.PathLike, **kwargs) -> Runtime:
 class Runtime(ABC):
     """One loaded model on one backend.
 
-    Subclasses set ``precisions`` and implement ``available``, ``_load`` and ``_run``; ``run``
-    validates the input and splits batches for models whose batch axis is fixed.
+    Subclasses set ``precisions`` and ``option_specs`` (the options they take, declared once: see
+    options.py) and implement ``available``, ``_load`` and ``_run``; ``run`` validates the input and
+    splits batches for models whose batch axis is fixed. Options are validated and typed before
+    ``_load`` runs; ``self.options`` holds every declared option with the value applied.
     """
 
     name: ClassVar[str] = ""
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
+    option_specs: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, model_path: str | os.PathLike, *, precision: str = "fp32",
                  threads: int | None = None, **options):
@@ -89,12 +99,14 @@ class Runtime(ABC):
             raise InvalidInputError(
                 f"runtime {self.name} supports precision {', '.join(self.precisions)}, not {precision!r}"
             )
-        if threads is not None and threads < 1:
-            raise InvalidInputError(f"threads must be >= 1, got {threads}")
+        if threads is not None:
+            threads = COMMON_OPTIONS[0].convert(self.name, threads)
+        # Unknown or ill-typed options fail here, before any session is built.
+        self.options: dict[str, object] = validate(self.name, self.option_specs, options)
         self.model_path = path
         self.precision = precision
         self.threads = threads
-        self.options = options
+        self.closed = False
         # Filled by _load: (batch or None, C, H, W), the model's metadata, its output width.
         self.input_shape: tuple[int | None, int, int, int] = (None, 3, 64, 64)
         # "NCHW": float32, normalized; "NHWC-uint8": raw RGB pixels, preprocessing inside the graph.
@@ -127,8 +139,14 @@ class Runtime(ABC):
         """The devices this backend can see here (for `edgecnn runtimes`). Never raises."""
         return []
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the backend's resources."""
+    def _release(self) -> None:  # noqa: B027 - optional hook
+        """Drop the backend's sessions and buffers (host and device)."""
+
+    def close(self) -> None:
+        """Release the backend's resources; run() afterwards raises. Closing twice is harmless."""
+        if not getattr(self, "closed", False):
+            self._release()
+        self.closed = True
 
     # ---- shared behaviour ----------------------------------------------------------------------
     @property
@@ -172,6 +190,8 @@ class Runtime(ABC):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W), normalized -> logits (N, C); uint8 (N, H, W, 3) for NHWC-uint8 models."""
+        if self.closed:
+            raise InvalidInputError(f"runtime {self.name} was closed; load the model again to run it")
         x = self._validate(x)
         fixed = self.input_shape[0]
         if fixed is None or fixed == x.shape[0]:

@@ -7,7 +7,6 @@ import threading
 import numpy as np
 
 from edgecnn.errors import (
-    InvalidInputError,
     InvalidModelError,
     MissingDependencyError,
     RuntimeUnavailableError,
@@ -15,6 +14,7 @@ from edgecnn.errors import (
 
 from ._deps import dist_version, has_module
 from .base import Runtime, register
+from .options import Option
 
 # edgecnn precision -> OpenVINO INFERENCE_PRECISION_HINT element type, and back.
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -87,6 +87,15 @@ class OpenVino(Runtime):
 
     precisions = ("fp32", "bf16", "fp16")
     suffixes = (".onnx", ".xml")
+    option_specs = (
+        Option("device", str, "CPU", "OpenVINO device (GPU.1, AUTO:GPU,CPU ... accepted); one it does not see "
+               "raises, never runs elsewhere", choices=_DEVICES, prefix=True),
+        # Default hint: latency. Measured on a 2-core AVX-512 EPYC (synchronous run(), one request per
+        # thread, fp32): LATENCY gives 5,504 img/s at batch 64 and 0.25 ms p50 at batch 1; THROUGHPUT splits
+        # the cores into streams that a single synchronous request cannot use (2,838 img/s, 0.38 ms).
+        Option("hint", str, "latency", "PERFORMANCE_HINT (latency: one synchronous request is fastest)",
+               choices=tuple(_PERF_HINTS)),
+    )
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -111,18 +120,12 @@ class OpenVino(Runtime):
 
     def _load(self) -> None:
         ov = _import_ov()
-        device = str(self.options.pop("device", "CPU")).upper()
-        # Default hint: latency. Measured on a 2-core AVX-512 EPYC (synchronous run(), one request per
-        # thread, fp32): LATENCY gives 5,504 img/s at batch 64 and 0.25 ms p50 at batch 1; THROUGHPUT splits
-        # the cores into streams that a single synchronous request cannot use (2,838 img/s, 0.38 ms).
-        hint = self.options.pop("hint", "latency")
-        if self.options:
-            raise InvalidInputError(f"openvino: unknown options {', '.join(sorted(self.options))}")
+        # Options are already validated and typed (option_specs); nothing is popped: self.options
+        # stays what was applied.
+        device = str(self.options["device"]).upper()
+        self.options["device"] = device
+        hint = self.options["hint"]
         base = device.split(":")[0].split(".")[0]
-        if base not in _DEVICES:
-            raise InvalidInputError(f"openvino: device must be one of {', '.join(_DEVICES)}, not {device!r}")
-        if hint is not None and str(hint).lower() not in _PERF_HINTS:
-            raise InvalidInputError(f"openvino: hint must be latency or throughput, not {hint!r}")
         core = ov.Core()
         seen = list(core.available_devices)
         if base != "AUTO" and not any(d == device or d.split(".")[0] == device for d in seen):
@@ -232,7 +235,7 @@ class OpenVino(Runtime):
         req.infer({0: x})
         return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self.__dict__.pop("_requests", None)
         self.__dict__.pop("_local", None)
         self.__dict__.pop("compiled", None)

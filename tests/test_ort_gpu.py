@@ -85,9 +85,9 @@ def test_a_build_shadowing_another_on_the_path_is_not_a_conflict(monkeypatch):
 @pytest.mark.skipif(_has_driver(), reason="an NVIDIA driver is present")
 def test_library_probe_names_the_missing_driver():
     import onnxruntime as ort
-    from edgecnn.runtimes.ort import gpu_libraries_missing
+    from edgecnn.runtimes import gpu_libs
 
-    assert "libcuda.so.1" in gpu_libraries_missing(ort)
+    assert "libcuda.so.1" in gpu_libs.missing(ort)
 
 
 # ------------------------------------------------------------------------------------ on a GPU only
@@ -128,7 +128,7 @@ def test_cuda_fp16_conversion_keeps_io_and_metadata(trained):
     # ort-cuda fp16 converts the fp32 file on load; the conversion itself runs anywhere (CPU EP here).
     import onnx
     import onnxruntime as ort
-    from edgecnn.runtimes.ort import OrtCuda
+    from edgecnn.runtimes.ort_gpu import OrtCuda
 
     rt = OrtCuda.__new__(OrtCuda)  # no GPU needed to build the converted model
     rt.precision, rt.model_path = "fp16", trained.onnx_dynamic
