@@ -149,6 +149,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(ort._OrtRuntime, "_probe", staticmethod(lambda msg: (fake, fake.get_available_providers(), "")))
     monkeypatch.setattr(ort, "_import_ort", lambda: fake)
     monkeypatch.setattr(ort_gpu, "_import_ort", lambda: fake)
+    monkeypatch.setattr(ort_gpu._deps, "nvidia_gpu_visible", lambda: (True, "faked"))  # a GPU is 'there'
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     for k in ("ORT_TENSORRT_FP16_ENABLE", "ORT_TENSORRT_INT8_ENABLE", "ORT_TENSORRT_BF16_ENABLE"):
         monkeypatch.delenv(k, raising=False)
