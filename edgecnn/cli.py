@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -192,27 +191,10 @@ def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, 
 
 
 def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress, norm=None):
-    from .data import load_dataset
-    from .train import TrainConfig, train_to_file
+    from .train import train_command
 
-    out = Path(output)
-    if out.suffix.lower() not in (".pt", ".pth"):
-        raise InvalidInputError(f"{out}: the checkpoint file must end in .pt")
-    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--per-class", per_class)):
-        if value < 1:
-            raise InvalidInputError(f"{name} must be >= 1, got {value}")
-    if not 0.0 < val_fraction < 1.0:
-        raise InvalidInputError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    ds = load_dataset(data, per_class=per_class, seed=seed)
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})", err=True)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
-                      threads=threads, progress=progress, norm=norm)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one rank of a DDP job
-        from .distributed import train_ddp
-
-        return train_ddp(ds, cfg, out, log=lambda s: click.echo(s, err=True))
-    return train_to_file(ds, cfg, out, log=lambda s: click.echo(s, err=True))
+    return train_command(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, output, progress,
+                         norm, log=lambda s: click.echo(s, err=True))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -353,7 +335,6 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
     from . import sweep as sw
     from ._io import write_text_atomic
 
-    threads = threads or [None]
     if plot_out:
         from edgecnn.runtimes._deps import has_module
 
@@ -361,30 +342,8 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
             from .errors import MissingDependencyError
 
             raise MissingDependencyError("matplotlib", "plot", "--plot")
-    if model is not None and str(model).lower().endswith(".json"):
-        from edgecnn.runtimes.deploy import load_config
-
-        path, rt, opts = load_config(model)
-        if opts.get("options") or set(opts) - {"precision", "threads"}:
-            click.echo("note: the deploy config's backend options are applied by Classifier; bench uses "
-                       "runtime, precision and threads", err=True)
-        model, runtimes, threads = path, [rt], [opts.get("threads")]
-        from edgecnn.runtimes.artifact import describe
-
-        graph = describe(path).precision
-        precisions = [graph if graph != "fp32" else opts.get("precision", "fp32")]
-    if model is not None and not Path(model).is_file():
-        raise InvalidInputError(f"{model}: no such model file")
-    from edgecnn.runtimes import get_runtime_class, runtime_names
-    from edgecnn.runtimes.options import route_registered
-
-    if runtimes == ["all"]:
-        runtimes = runtime_names()
-    else:
-        runtimes = [get_runtime_class(n).name for n in runtimes]  # an unknown name fails here (exit 2)
-    sw.fail_fast(runtimes)  # none usable (e.g. ort-cuda without a GPU): say so before anything is measured
-    # Each runtime gets the options it declares (RUNTIME.KEY scopes); a key no runtime takes fails here.
-    per_runtime = route_registered(options, runtimes, common=False)
+    model, runtimes, precisions, threads, per_runtime = sw.resolve(
+        model, runtimes, precisions, threads, options, log=lambda s: click.echo(s, err=True))
     cells = len(runtimes) * len(precisions) * len(threads) * len(batches)
     bar = _bar(cells)
     res = sw.sweep(model, runtimes, precisions, batches, threads, min_time=min_time, warmup=warmup,
@@ -642,45 +601,9 @@ cli.add_command(runtimes_cmd, "doctor")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo(output, epochs, per_class, seed, progress):
     """Train on the built-in set, export, verify, benchmark; print one summary table."""
-    from . import bench as b
-    from .report import bench_table, table
+    from .demo import run_demo
 
-    t0 = time.perf_counter()
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out}: exists and is not a folder; give a folder for the demo's artefacts")
-    out.mkdir(parents=True, exist_ok=True)
-    click.echo(f"[1/4] training on the built-in synthetic set -> {out / 'model.pt'}", err=True)
-    res = _train(None, epochs, 32, 1e-3, seed, per_class, 0.2, None, out / "model.pt", progress)
-    click.echo(f"[2/4] exporting -> {out / 'model.onnx'}", err=True)
-    exp = _export(out / "model.pt", out / "model.onnx", 17, False, True, None, None, None)
-    click.echo("[3/4] verifying against PyTorch", err=True)
-    verdict = _verify(out / "model.onnx", out / "model.pt", ["ort-cpu"], "fp32", None, None, None)
-    rows = verdict.rows
-    click.echo("[4/4] benchmarking", err=True)
-    bench_rows = b.bench(out / "model.onnx", ["ort-cpu", "torch"], [1, 64], min_time=1.0)
-    _write_json(str(out / "summary.json"), {
-        "val_accuracy": res.val_accuracy, "history": res.history,
-        "export_parity": [r.as_dict() for r in exp.parity],
-        "verify": verdict.as_dict(), "bench": [r.as_dict() for r in bench_rows],
-    })
-    click.echo("\nverify (model.onnx vs model.pt):\n" + verdict.text())
-    click.echo("\nbench:\n" + bench_table(bench_rows))
-    by = {(r.runtime, r.batch): r for r in bench_rows}
-    summary = [
-        ["validation accuracy", f"{res.val_accuracy * 100:.2f}% ({len(res.history)} epochs, {res.seconds:.0f} s)"],
-        ["export parity (ort-cpu)", f"{exp.parity[0].status}, max abs {exp.parity[0].result.max_abs:.2e}"],
-        ["verify (vs PyTorch)", ", ".join(f"{r.runtime} {r.status}" for r in rows)
-         + ("" if verdict.passed else f" ({verdict.reason()})")],
-    ]
-    for rt in ("ort-cpu", "torch"):
-        r1, r64 = by[(rt, 1)], by[(rt, 64)]
-        summary.append([f"{rt} latency b1 p50", f"{r1.p50_ms:.3f} ms"])
-        summary.append([f"{rt} throughput b64", f"{r64.throughput:,.0f} img/s"])
-    summary.append(["artefacts", f"{out}/ (model.pt, model.onnx, summary.json)"])
-    summary.append(["total time", f"{time.perf_counter() - t0:.0f} s"])
-    click.echo("\nsummary:\n" + table(["item", "value"], summary))
-    if not verdict.passed:
+    if not run_demo(output, epochs, per_class, seed, progress, out=click.echo, log=lambda s: click.echo(s, err=True)):
         sys.exit(1)
 
 

@@ -173,6 +173,38 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
     return res
 
 
+def resolve(model, runtimes: list[str], precisions: list[str], threads: list[int | None] | None, options,
+            log=None) -> tuple:
+    """`edgecnn bench`'s arguments -> (model, runtimes, precisions, threads, options per runtime): a
+    deploy.json from `tune` gives its runtime, precision and threads; 'all' is every registered runtime;
+    unknown names fail (exit 2); none usable fails at once, before anything is measured."""
+    from edgecnn.runtimes import get_runtime_class, runtime_names
+    from edgecnn.runtimes.options import route_registered
+
+    log = log or (lambda s: None)
+    threads = threads or [None]
+    if model is not None and str(model).lower().endswith(".json"):
+        from edgecnn.runtimes.artifact import describe
+        from edgecnn.runtimes.deploy import load_config
+
+        path, rt, opts = load_config(model)
+        if opts.get("options") or set(opts) - {"precision", "threads"}:
+            log("note: the deploy config's backend options are applied by Classifier; bench uses "
+                "runtime, precision and threads")
+        model, runtimes, threads = path, [rt], [opts.get("threads")]
+        graph = describe(path).precision
+        precisions = [graph if graph != "fp32" else opts.get("precision", "fp32")]
+    if model is not None and not Path(model).is_file():
+        raise InvalidInputError(f"{model}: no such model file")
+    if runtimes == ["all"]:
+        runtimes = runtime_names()
+    else:
+        runtimes = [get_runtime_class(n).name for n in runtimes]  # an unknown name fails here (exit 2)
+    fail_fast(runtimes)  # none usable (e.g. ort-cuda without a GPU): say so before anything is measured
+    # Each runtime gets the options it declares (RUNTIME.KEY scopes); a key no runtime takes fails here.
+    return model, runtimes, precisions, threads, route_registered(options, runtimes, common=False)
+
+
 def fail_fast(runtimes: list[str]) -> None:
     """When no runtime asked for is usable here (e.g. ort-cuda without a GPU), say why at once:
     before the default model is exported and before anything is measured."""

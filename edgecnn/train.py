@@ -157,3 +157,31 @@ def _progress(it, desc: str, enabled: bool):
     except ImportError:
         return it
     return tqdm(it, desc=desc, leave=False, unit="batch", file=sys.stderr, dynamic_ncols=True)
+
+
+def train_command(data, epochs: int, batch_size: int, lr: float, seed: int, per_class: int, val_fraction: float,
+                  threads: int | None, output, progress: bool, norm=None, log=None) -> TrainResult:
+    """`edgecnn train`: check the numbers, load the data (built-in set or DIR/<class>/<image>), train in this
+    process or as one rank of a torchrun DDP job, write the checkpoint."""
+    from .data import load_dataset
+
+    log = log or (lambda s: None)
+
+    out = Path(output)
+    if out.suffix.lower() not in (".pt", ".pth"):
+        raise InvalidInputError(f"{out}: the checkpoint file must end in .pt")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--per-class", per_class)):
+        if value < 1:
+            raise InvalidInputError(f"{name} must be >= 1, got {value}")
+    if not 0.0 < val_fraction < 1.0:
+        raise InvalidInputError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    ds = load_dataset(data, per_class=per_class, seed=seed)
+    if os.environ.get("RANK", "0") == "0":
+        log(f"data: {len(ds)} images, {len(ds.class_names)} classes ({', '.join(ds.class_names)})")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
+                      threads=threads, progress=progress, norm=norm)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: one rank of a DDP job
+        from .distributed import train_ddp
+
+        return train_ddp(ds, cfg, out, log=log)
+    return train_to_file(ds, cfg, out, log=log)
