@@ -507,13 +507,16 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
         args += ["--ray-address", ray_address] if ray_address else []
         sys.exit(isolated_cli(args, f"running {model}"))
 
-    def echo(row: dict) -> None:  # one line per file: a line break in a name is shown as \n
-        name = row["path"].replace("\n", "\\n").replace("\r", "\\r")
+    def shown(text: str) -> str:  # one line per file: control characters in names and labels are escaped
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+    def echo(row: dict) -> None:
+        name = shown(row["path"])
         if row["error"] is not None:
-            click.echo(f"{name}: error: {row['error']}")
+            click.echo(f"{name}: error: {shown(row['error'])}")
             return
-        click.echo(f"{name}: " + ", ".join(f"{row[f'label_{i}']} {row[f'prob_{i}']:.4f}"
-                                                  for i in range(1, top_k + 1) if row[f"label_{i}"] is not None))
+        click.echo(f"{name}: " + ", ".join(f"{shown(row[f'label_{i}'])} {row[f'prob_{i}']:.4f}"
+                                           for i in range(1, top_k + 1) if row[f"label_{i}"] is not None))
 
     from edgecnn.runtimes.options import route_registered
 

@@ -149,3 +149,16 @@ def test_sparse_or_non_finite_tensors_are_named(trained, tmp_path):
     sd["classifier.bias"] = obj["state_dict"]["classifier.bias"] * float("inf")
     torch.save({**obj, "state_dict": sd}, tmp_path / "inf.pt")
     assert "classifier.bias holds NaN or Inf" in one_line(cli("export", tmp_path / "inf.pt"), 2)
+
+
+def test_control_characters_in_names_and_labels_keep_one_line_per_image(trained, tmp_path):
+    m = onnx.load(str(trained.onnx))
+    names = [f"class\n{i}" for i in range(6)]
+    next(p for p in m.metadata_props if p.key == "class_names").value = __import__("json").dumps(names)
+    onnx.save(m, str(tmp_path / "nl.onnx"))
+    img = tmp_path / "two\nlines.png"
+    Image.fromarray(synthetic_dataset(1, seed=3).images[0]).save(img)
+    r = cli("predict", tmp_path / "nl.onnx", img, "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and "two\\nlines.png: class\\n" in lines[0]

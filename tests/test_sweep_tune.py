@@ -75,7 +75,11 @@ def test_tune_writes_a_deploy_config_that_classifier_and_bench_load(trained, tmp
     cfg = json.loads((out / "deploy.json").read_text())
     assert cfg["format"] == "edgecnn-deploy/1" and cfg["runtime"] == "ort-cpu"
     chosen = [c for c in cfg["candidates"] if c["gate"] == "pass"]
-    assert chosen and cfg["measured"]["throughput"] == max(c["throughput"] for c in chosen)
+    # The winner is picked on the screening figures, and the figure recorded is its re-timing alone in a
+    # fresh process (a best-of-noisy-runs figure is not what a user gets).
+    assert chosen and cfg["measured"]["screening"]["throughput"] == max(c["throughput"] for c in chosen)
+    assert "fresh process" in cfg["measured"]["how"] and cfg["measured"]["throughput"] > 0
+    assert cfg["measured"]["p50_ms_batch1"] > 0
     assert {c["precision"] for c in cfg["candidates"]} == {"fp32", "int8"}
     images = list(synthetic_dataset(10, seed=77).images)
     with Classifier(out / "deploy.json") as tuned, Classifier(trained.onnx) as plain:
