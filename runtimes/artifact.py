@@ -108,14 +108,6 @@ def describe(path: str | os.PathLike) -> ModelArtifact:
     return _onnx(path) if fmt == "onnx" else _ir(path)
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- ONNX
 def _text(buf, span) -> str:
     return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
