@@ -330,7 +330,16 @@ def check_metadata(art: ModelArtifact, ckpt) -> list[MetaCheck]:
             out.append(MetaCheck(key, None, want, "absent"))
             continue
         if ("labels" if key == "class_names" else "normalization") in assumed:
-            out.append(MetaCheck(key, _json_field(meta, key), "(not in the checkpoint)", "ok"))
+            got = _json_field(meta, key)  # nothing to compare with: it must at least be well-formed
+            if key == "class_names":
+                ok = isinstance(got, list) and len(got) == ckpt.num_classes and all(isinstance(x, str) for x in got)
+            else:
+                try:
+                    arr = np.asarray(got, np.float64)
+                    ok = arr.shape == (3,) and bool(np.isfinite(arr).all()) and (key == "mean" or arr.min() > 0)
+                except (TypeError, ValueError):
+                    ok = False
+            out.append(MetaCheck(key, got, "(not in the checkpoint: must be well-formed)", "ok" if ok else "FAIL"))
             continue
         got = _json_field(meta, key)
         if key == "class_names":
