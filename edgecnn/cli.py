@@ -635,7 +635,18 @@ def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, 
     cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances,
                       max_body_bytes=int(max_body_mb * (1 << 20)))
     cfg.check()
-    served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, **options)
+    typed: dict = {}
+    if options:  # typed and checked against the runtime that will serve, before any model is loaded (exit 2)
+        from edgecnn.runtimes.options import route_registered
+
+        target = runtime
+        if target is None and str(model).lower().endswith(".json"):
+            from edgecnn.runtimes.deploy import load_config
+
+            target = load_config(model)[1]
+        target = target or "ort-cpu"
+        typed = route_registered(options, [target])[target]
+    served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, **typed)
     try:
         run_server(served, cfg, log=lambda s: click.echo(s, err=True))
     finally:
