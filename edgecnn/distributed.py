@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from edgecnn.runtimes.cpu import usable_cpus
+
 from .checkpoint import save_checkpoint
 from .data import Dataset, split
 from .errors import InvalidInputError, RuntimeUnavailableError
@@ -168,5 +170,5 @@ def launch(nproc: int, train_args: Sequence[str]) -> int:
            "-m", "edgecnn", "train", *train_args]
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # share the cores instead of every process taking all of them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // nproc))
     return subprocess.run(cmd, env=env).returncode

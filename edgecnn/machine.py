@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 from functools import lru_cache
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
-             "avx_vnni")
-
-
-@lru_cache(maxsize=1)
-def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and ":" in line:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count() or 1, "isa": [f for f in ISA_FLAGS if f in flags]}
+from edgecnn.runtimes.cpu import describe_cpu, usable_cpus
 
 
 @lru_cache(maxsize=1)
@@ -40,10 +23,8 @@ def gpu_name() -> str | None:
 
 
 def describe() -> str:
-    c = cpu_info()
     gpu = gpu_name()
-    return (f"{c['model']}, {c['cores']} logical cores, {', '.join(c['isa']) or 'no AVX-512'}"
-            + (f"; GPU {gpu}" if gpu else "; no GPU"))
+    return describe_cpu().text() + (f"; GPU {gpu}" if gpu else "; no GPU")
 
 
 def net_flops(num_classes: int = 6, size: int = 64) -> float:
@@ -95,7 +76,7 @@ def measure_peak(threads: int | None = None, n: int = 4096, seconds: float = 2.0
     import json
     import sys
 
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     try:
         out = subprocess.run([sys.executable, "-c", _PEAK_SNIPPET, str(threads), str(n), str(seconds)],

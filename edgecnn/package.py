@@ -49,7 +49,8 @@ def preprocess_source() -> str:
 
 
 # The bulk pipeline and its result tables, made standalone like the preprocessing: predict.py runs them.
-PIPELINE_FILES = {"edgecnn.runtimes.pipeline": "edgecnn_pipeline.py", "edgecnn.runtimes.tables": "edgecnn_tables.py"}
+PIPELINE_FILES = {"edgecnn.runtimes.pipeline": "edgecnn_pipeline.py", "edgecnn.runtimes.tables": "edgecnn_tables.py",
+                  "edgecnn.runtimes.cpu": "edgecnn_cpu.py"}
 _MISSING_STANDIN = (
     'class MissingDependencyError(RuntimeError):\n'
     '    """An optional package is missing (stand-in for edgecnn.errors.MissingDependencyError)."""\n\n'
@@ -63,6 +64,7 @@ def standalone_source(module: str) -> str:
     mod = importlib.import_module(module)
     src = Path(mod.__file__).read_text(encoding="utf-8")
     out = re.sub(r"^from edgecnn\.runtimes\.preprocess import ", "from edgecnn_preprocess import ", src, flags=re.M)
+    out = re.sub(r"^(\s*)from edgecnn\.runtimes\.cpu import ", r"\1from edgecnn_cpu import ", out, flags=re.M)
     out = out.replace("from edgecnn.errors import MissingDependencyError\n", _MISSING_STANDIN)
     if re.search(r"^\s*(from|import)\s+edgecnn\b", out, re.M):
         raise RuntimeError(f"{module} imports more of edgecnn than the bundle has; the copy would break")

@@ -112,6 +112,8 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
           log=None, progress=None, options: dict | None = None) -> SweepResult:
     """``options``: {runtime: {key: value}}, each runtime's own (edgecnn.runtimes.options.route). A
     configuration that fails is recorded in ``failed`` with its error; the others are still measured."""
+    from edgecnn.runtimes.cpu import usable_cpus
+
     from .bench import default_model
     from .machine import describe, measure_peak, net_flops
 
@@ -135,8 +137,8 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
         max_threads = max((t for t in threads if t), default=None)
         res = SweepResult(describe(), net_flops(num_classes), None, max_threads)
         if roofline:
-            top = max_threads or os.cpu_count() or 1
-            for t in sorted({t or os.cpu_count() or 1 for t in threads} | {top}):
+            top = max_threads or usable_cpus()
+            for t in sorted({t or usable_cpus() for t in threads} | {top}):
                 gflops, source = measure_peak(t)
                 res.peaks[t] = gflops
                 if t == top:
@@ -163,7 +165,7 @@ def sweep(model: str | os.PathLike | None, runtimes: list[str], precisions: list
                     log(f"failed: {cfg.runtime} {cfg.precision} batch {r['batch']}: {r['error']}")
                     res.failed.append({k: r.get(k) for k in ("runtime", "precision", "threads", "batch", "error")})
                     continue
-                peak = res.peaks.get(cfg.threads or os.cpu_count() or 1)
+                peak = res.peaks.get(cfg.threads or usable_cpus())
                 if peak and r["precision"] == "fp32" and r["device"] == "CPU":
                     r["floor_img_s"] = peak * 1e9 / res.flops_per_image
                     r["floor_pct"] = 100.0 * r["throughput"] / r["floor_img_s"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecnn.runtimes.cpu import describe_cpu, usable_cpus
+
 from ._io import write_text_atomic
 from .errors import InvalidInputError, ParityError
 
@@ -55,14 +57,15 @@ def _gate(cand: Candidate, ref: dict, out: dict, data, names, max_drop: float) -
 
 
 def candidates(fp32: Path, int8: dict[str, Path], threads: list[int],
-               runtimes: list[str] | None = None) -> list[Candidate]:
+               runtimes: list[str] | None = None, cpu_defaults=None) -> list[Candidate]:
     from edgecnn.runtimes import get_runtime_class
-
-    from .machine import cpu_info
+    from edgecnn.runtimes.cpu import current_defaults
 
     out: list[Candidate] = []
     have = {n for n in (runtimes or ("ort-cpu", "openvino")) if get_runtime_class(n).available()[0]}
-    bf16 = "avx512_bf16" in cpu_info()["isa"] or "amx_bf16" in cpu_info()["isa"]
+    # Per CPU kind (runtimes/cpu.py): bf16 candidates only where bf16 is native (AVX-512 BF16, AMX-BF16).
+    kind = cpu_defaults or current_defaults()
+    bf16, int8_bf16 = kind.bf16_candidates, kind.int8_bf16_candidates
     for t in threads:
         if "ort-cpu" in have:
             out.append(Candidate("ort-cpu", "fp32", fp32, threads=t))
@@ -75,7 +78,7 @@ def candidates(fp32: Path, int8: dict[str, Path], threads: list[int],
                     out.append(Candidate("openvino", "bf16", fp32, "bf16", threads=t, options={"hint": hint}))
                 if "openvino" in int8:
                     out.append(Candidate("openvino", "int8", int8["openvino"], threads=t, options={"hint": hint}))
-                    if bf16:  # the ops NNCF leaves in float (Elu, pooling, logits) run in bf16
+                    if int8_bf16:  # the ops NNCF leaves in float (Elu, pooling, logits) run in bf16
                         out.append(Candidate("openvino", "int8", int8["openvino"], "bf16", threads=t,
                                              options={"hint": hint}))
     return out
@@ -96,7 +99,7 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
         raise InvalidInputError(f"{model}: give the fp32 .onnx file edgecnn exported")
     if objective not in ("throughput", "latency"):
         raise InvalidInputError("--objective must be throughput or latency")
-    threads = threads or sorted({1, os.cpu_count() or 1})
+    threads = threads or sorted({1, usable_cpus()})
     out_dir = Path(out_dir) if out_dir else model.with_name(model.stem + ".tuned")
     from edgecnn.exporters.meta import onnx_metadata
     from edgecnn.runtimes.artifact import describe
@@ -159,7 +162,7 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
     from .machine import describe
 
     cfg = {"format": "edgecnn-deploy/1", **best.config(out_dir), "objective": objective, "batch": batch,
-           "max_drop": max_drop, "machine": describe(), "class_names": names,
+           "max_drop": max_drop, "machine": describe(), "cpu_kind": describe_cpu().kind, "class_names": names,
            "measured": {"throughput": fresh_tput, "p50_ms_batch1": fresh_p50,
                         "how": "the winner alone in a fresh process (edgecnn.sweep.run_config)",
                         "screening": screened, "accuracy": best.accuracy, "drop_points": best.drop_points},

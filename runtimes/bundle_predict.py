@@ -38,6 +38,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may use (affinity mask, cgroup quota): the bundle's copy of edgecnn.runtimes.cpu."""
+    _preprocess_module()  # puts the bundle folder on sys.path
+    import edgecnn_cpu
+
+    return edgecnn_cpu.usable_cpus()
+
+
 def _preprocess_module():
     sys.dont_write_bytecode = True  # keep the bundle folder exactly as its manifest lists it
     if str(HERE) not in sys.path:
@@ -62,13 +70,14 @@ class BundleModel:
             raise BundleError(f"no model {name!r} in this bundle; it has {', '.join(entries)}")
         entry = entries[name]
         for f in (name, entry.get("weights"), "labels.txt", "edgecnn_preprocess.py", "edgecnn_pipeline.py",
-                  "edgecnn_tables.py"):
+                  "edgecnn_tables.py", "edgecnn_cpu.py"):
             if f and _sha256(folder / f) != manifest["files"][f]:
                 raise BundleError(f"{f}: sha256 does not match {MANIFEST} (altered file)", EXIT_CHECK_FAILED)
         self.pre = _preprocess_module()
         deploy = manifest.get("deploy") or {}
         runtime = manifest.get("runtime") or "ort-cpu"
-        threads = threads or deploy.get("threads")
+        # An explicit count, never the runtime's own (it sees neither the affinity mask nor a cgroup quota).
+        threads = threads or deploy.get("threads") or _usable_cpus()
         if runtime == "openvino":
             meta, in_type, in_shape = self._load_openvino(folder / name, deploy, threads)
         else:

@@ -90,11 +90,12 @@ class OpenVino(Runtime):
     option_specs = (
         Option("device", str, "CPU", "OpenVINO device (GPU.1, AUTO:GPU,CPU ... accepted); one it does not see "
                "raises, never runs elsewhere", choices=_DEVICES, prefix=True),
-        # Default hint: latency. Measured on a 2-core AVX-512 EPYC (synchronous run(), one request per
-        # thread, fp32): LATENCY gives 5,504 img/s at batch 64 and 0.25 ms p50 at batch 1; THROUGHPUT splits
-        # the cores into streams that a single synchronous request cannot use (2,838 img/s, 0.38 ms).
-        Option("hint", str, "latency", "PERFORMANCE_HINT (latency: one synchronous request is fastest)",
-               choices=tuple(_PERF_HINTS)),
+        # Default hint: per CPU kind (runtimes/cpu.py), latency on every kind measured (synchronous run(),
+        # one request per thread, fp32): amd-epyc-avx512-bf16 5,504 img/s at batch 64 and 0.25 ms p50 at
+        # batch 1 against THROUGHPUT's 2,838 img/s, 0.38 ms (its streams split the cores, which a single
+        # synchronous request cannot use); amd-epyc-avx2 1,584 against 840 img/s.
+        Option("hint", str, None, "PERFORMANCE_HINT (default per CPU kind: latency, as one synchronous request "
+               "is fastest on every kind measured)", choices=tuple(_PERF_HINTS)),
     )
 
     @classmethod
@@ -145,9 +146,17 @@ class OpenVino(Runtime):
             raise InvalidModelError(f"{self.model_path}: OpenVINO cannot read it: {_first_line(e)}") from None
         self._check_io(model)
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision]}
-        if hint is not None:
-            config["PERFORMANCE_HINT"] = _PERF_HINTS[str(hint).lower()]
-        if self.threads is not None:
+        from .cpu import current_defaults
+
+        cpu_defaults = current_defaults()
+        if hint is None:
+            hint = self.options["hint"] = cpu_defaults.openvino_hint
+        config["PERFORMANCE_HINT"] = _PERF_HINTS[str(hint).lower()]
+        # An explicit count from the CPUs this process may use (affinity mask, cgroup quota): never more.
+        self.threads_used = self.threads if self.threads is not None else cpu_defaults.threads
+        if base == "CPU":
+            config["INFERENCE_NUM_THREADS"] = int(self.threads_used)
+        elif self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:
             self.compiled = core.compile_model(model, device, config)

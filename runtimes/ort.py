@@ -12,7 +12,8 @@ from ._deps import dist_version, has_module, ort_conflict, ort_distributions
 from .base import Runtime, register
 from .options import Option
 
-SPINNING = Option("spinning", bool, True, "intra-op thread spinning (on: lower batch-1 latency; off: idle CPU)")
+SPINNING = Option("spinning", bool, None, "intra-op thread spinning (on: lower batch-1 latency; off: idle CPU); "
+                  "default per CPU: on, off where a cgroup quota binds (runtimes/cpu.py)")
 
 
 def _import_ort():
@@ -70,23 +71,31 @@ class _OrtRuntime(Runtime):
             return []
 
     def session_options(self, ort):
-        """Defaults measured on a 2-core AVX-512 EPYC, edgecnn-exported model (benchmarks/results/peers.md):
-        - graph optimization ORT_ENABLE_ALL (ORT's default, pinned here): its NCHWc layout transform gives
-          5,637 img/s at batch 64 against 4,804 with BASIC or EXTENDED;
-        - threads: ORT's default (one per physical core) measured the same as an explicit 2 (5,725 vs
-          5,637 img/s) and beats 1 thread (3,190); set ``threads`` to share the CPU with other work;
-        - intra-op spinning stays on (ORT's default): batch-1 p50 0.16-0.20 ms with it, 0.23-0.24 ms
-          without; batch-64 throughput is within noise either way. ``spinning=False`` turns it off
-          (saves CPU while idle between calls).
+        """The session's settings; what the user did not set comes from the per-CPU-kind defaults
+        (runtimes/cpu.py: each names the measurement behind it), decided here from what the machine reports.
+        - graph optimization ORT_ENABLE_ALL (ORT's default, pinned): its NCHWc layout transform gives
+          5,637 img/s at batch 64 against 4,804 with BASIC or EXTENDED on amd-epyc-avx512-bf16, and
+          1,624-1,963 against 1,555-1,617 on amd-epyc-avx2;
+        - threads: always an explicit count, one per usable CPU (affinity mask and cgroup quota). ORT's own
+          default counts the host's physical cores and pins threads to them, blind to both; an explicit count
+          also turns ORT's thread pinning off, so no thread leaves the allowed CPUs;
+        - intra-op spinning: on, except where a cgroup quota binds (spinning burns the quota while idle).
         The biggest fp32 win is not a session option but the exact Elu/MaxPool swap at export
         (exporters/passes.py): 5,968 img/s against 3,122 for the same weights without it.
         """
+        from .cpu import current_defaults
+
+        d = current_defaults()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads is not None:
-            so.intra_op_num_threads = self.threads
-        if not self.options.get("spinning", True):
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.threads_used = self.threads if self.threads is not None else d.threads
+        so.intra_op_num_threads = self.threads_used
+        so.inter_op_num_threads = 1  # sequential execution: the graph is a chain; no second pool
+        spinning = self.options.get("spinning")
+        self.spinning_used = d.spinning if spinning is None else bool(spinning)
+        if "spinning" in self.options:  # what was applied (the GPU runtimes do not declare it)
+            self.options["spinning"] = self.spinning_used
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning_used else "0")
         # 4 (fatal only): ORT's coloured log lines would precede edgecnn's one-line error (EDGECNN_DEBUG=1 shows them)
         so.log_severity_level = 0 if os.environ.get("EDGECNN_DEBUG") else 4
         return so

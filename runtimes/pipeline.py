@@ -109,11 +109,10 @@ def decode_many(paths: Sequence[str], size: int, fast_jpeg: bool = False) -> tup
 
 
 def default_workers() -> int:
-    """Decode workers: one per core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """Decode workers: one per CPU this process may use (affinity mask and cgroup quota, runtimes/cpu.py)."""
+    from edgecnn.runtimes.cpu import usable_cpus
+
+    return usable_cpus()
 
 
 def _executor(kind: str, workers: int) -> Executor:

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from edgecnn.runtimes import Classifier, get_runtime_class, load_runtime, runtime_names
+from edgecnn.runtimes.cpu import current_defaults
 from edgecnn.runtimes.options import declared, parse_cli, route, route_registered
 
 from edgecnn.errors import InvalidInputError
@@ -93,8 +94,10 @@ def test_rt_options_are_what_was_applied(trained):
         assert rt.options == {"device": "CPU", "hint": "throughput"}  # nothing popped
     with Classifier(trained.onnx, spinning="false") as clf:  # strings are typed by the declaration
         assert clf.runtime.options == {"spinning": False}
-    with load_runtime("ort-cpu", trained.onnx) as rt:
-        assert rt.options == {"spinning": True}
+    with load_runtime("ort-cpu", trained.onnx) as rt:  # unset: this machine's per-kind default, as applied
+        assert rt.options == {"spinning": current_defaults().spinning}
+    with load_runtime("openvino", trained.onnx) as rt:
+        assert rt.options == {"device": "CPU", "hint": current_defaults().openvino_hint}
 
 
 @pytest.mark.parametrize("name", ["ort-cpu", "openvino"])
