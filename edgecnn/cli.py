@@ -585,7 +585,14 @@ def runtimes_cmd(json_out):
     """List every registered runtime: usable here or why not, package versions, devices seen."""
     from .doctor import report_table, runtime_report
 
+    from edgecnn.runtimes.cpu import defaults_for, describe_cpu
+
     rows = runtime_report()
+    cpu = describe_cpu()
+    d = defaults_for(cpu)
+    click.echo(f"CPU: {cpu.text()}\ndefaults on this CPU (runtimes/cpu.py; -O overrides): threads={d.threads}, "
+               f"ort-cpu spinning={str(d.spinning).lower()}, openvino hint={d.openvino_hint}, tune tries bf16: "
+               f"{'yes' if d.bf16_candidates else 'no (not native here)'}\n")
     click.echo(report_table(rows))
     if json_out:
         _write_json(json_out, [r.as_dict() for r in rows])

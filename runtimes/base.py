@@ -16,7 +16,8 @@ from .options import Option, validate
 
 # Options every runtime takes as keyword arguments of its own (not in option_specs).
 COMMON_OPTIONS: tuple[Option, ...] = (
-    Option("threads", int, None, "intra-op threads (default: the runtime's own choice)", minimum=1),
+    Option("threads", int, None, "intra-op threads (default: one per CPU this process may use: affinity mask "
+           "and cgroup quota)", minimum=1),
 )
 
 _REGISTRY: dict[str, type[Runtime]] = {}
