@@ -583,9 +583,9 @@ def package(paths, output, check_only, against, verify_json, bench_json, force):
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the report as JSON.")
 def runtimes_cmd(json_out):
     """List every registered runtime: usable here or why not, package versions, devices seen."""
-    from .doctor import report_table, runtime_report
-
     from edgecnn.runtimes.cpu import defaults_for, describe_cpu
+
+    from .doctor import report_table, runtime_report
 
     rows = runtime_report()
     cpu = describe_cpu()

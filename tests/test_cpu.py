@@ -19,6 +19,7 @@ from edgecnn.runtimes.cpu import (
     parse_cpuinfo,
     threads_from,
 )
+
 from edgecnn.tune import candidates
 
 INTEL_AMX = """processor\t: 0
