@@ -310,7 +310,7 @@ def write(res: dict, out: Path, command: str) -> None:
               f"- Batching the model itself gains at most {off['tensor'] / off['tensor_b1']:.2f}x on this machine "
               f"in this run (offline batch 64 {off['tensor']:,.0f} img/s against batch 1, one call at a time, "
               f"{off['tensor_b1']:,.0f} img/s): this small Net's batch-1 call is already nearly as efficient per image "
-              "as a batch-64 one on ONNX Runtime's CPU provider (benchmarks/results/peers.md, quiet machine: b1 "
+              "as a batch-64 one on ONNX Runtime's CPU provider (benchmarks/results/peers-amd-epyc-avx512-bf16.md, quiet machine: b1 "
               "0.172 ms, i.e. 5,800 img/s, against 6,081 img/s at b64). So what a batching server can save over "
               "an unbatched one is per-call overhead (thread hand-offs, ORT's intra-op thread wake-ups, futures), "
               "not model compute; a 5x gap needs a model whose batch-64 throughput is far above its batch-1 one.",

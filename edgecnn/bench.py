@@ -27,6 +27,7 @@ class BenchRow:
     throughput: float  # images per second over the timed iterations
     load_s: float  # model load / compile time (cold start)
     note: str = ""
+    threads_used: int | None = None  # intra-op threads the runtime ran with (given, or the usable CPUs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -215,6 +216,7 @@ def _bench_one(name: str, path: Path, batches: list[int], tmp: Path, precision: 
                 failed.append(FailedCell(name, precision, b, str(e), isinstance(e, RuntimeUnavailableError)))
                 continue
             row.note = note
+            row.threads_used = getattr(rt, "threads_used", None)
             if file_precision and file_precision != "fp32":
                 row.precision = file_precision
             yield row

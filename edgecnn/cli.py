@@ -591,7 +591,8 @@ def runtimes_cmd(json_out):
     cpu = describe_cpu()
     d = defaults_for(cpu)
     click.echo(f"CPU: {cpu.text()}\ndefaults on this CPU (runtimes/cpu.py; -O overrides): threads={d.threads}, "
-               f"ort-cpu spinning={str(d.spinning).lower()}, openvino hint={d.openvino_hint}, tune tries bf16: "
+               f"ort-cpu spinning={str(d.spinning).lower()}, openvino hint={d.openvino_hint}, openvino hyper_threading="
+               f"{str(d.openvino_hyper_threading).lower()}, tune tries bf16: "
                f"{'yes' if d.bf16_candidates else 'no (not native here)'}\n")
     click.echo(report_table(rows))
     if json_out:

@@ -235,6 +235,11 @@ def _num_classes(model: Path) -> int:
     return 6
 
 
+def _auto(used) -> str:
+    """Threads not given: the runtime ran with one per usable CPU (shown when it reported the count)."""
+    return f"auto ({used})" if used else "auto"
+
+
 def table(res: SweepResult) -> str:
     from .report import table as tbl
 
@@ -247,7 +252,7 @@ def table(res: SweepResult) -> str:
                                if len(res.peaks) > 1))
     body = tbl(["runtime", "device", "precision", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
                 "% floor", "load s", "peak RSS MB", "file MB", "note"],
-               [[r["runtime"], r["device"], r["precision"], r["threads"] or "auto", r["batch"], r["p50_ms"],
+               [[r["runtime"], r["device"], r["precision"], r["threads"] or _auto(r.get("threads_used")), r["batch"], r["p50_ms"],
                  r["p90_ms"], r["p99_ms"], r["throughput"],
                  f"{r['floor_pct']:.0f}%" if r.get("floor_pct") is not None else "-", r["load_s"],
                  r["peak_rss_mb"], r["file_bytes"] / 1e6, r.get("note", "")] for r in res.rows])
@@ -262,7 +267,7 @@ def table(res: SweepResult) -> str:
 
 
 def to_csv(res: SweepResult) -> str:
-    keys = ["runtime", "device", "precision", "threads", "batch", "iterations", "p50_ms", "p90_ms", "p99_ms",
+    keys = ["runtime", "device", "precision", "threads", "threads_used", "batch", "iterations", "p50_ms", "p90_ms", "p99_ms",
             "mean_ms", "throughput", "floor_pct", "load_s", "peak_rss_mb", "file_bytes", "note", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")

@@ -220,6 +220,11 @@ MEASURED = {
     "openvino_hint": (
         "LATENCY on every kind measured (one synchronous request per thread): amd-epyc-avx512-bf16 5,504 "
         "vs 2,838 img/s with THROUGHPUT; amd-epyc-avx2 1,584 vs 840 img/s (tune screening, 2 threads)"),
+    "openvino_hyper_threading": (
+        "on where the CPU has SMT (two logical CPUs per core): OpenVINO's LATENCY hint otherwise runs one "
+        "thread per physical core, half the usable CPUs of a 2-vCPU SMT VM; there ORT measured 2 threads "
+        "faster than 1 at both batch sizes (Intel Xeon AMX, issue 16; not measured with OpenVINO: no such "
+        "machine was lent); off elsewhere (OpenVINO's own default)"),
     "batch_sessions": (
         "one session for every batch size: a batch-1 session with fewer threads was slower on each kind "
         "measured (amd-epyc-avx2: b1 p50 0.76-0.96 ms with 1 thread against 0.51-0.69 ms with 2; Intel AMX, "
@@ -239,13 +244,15 @@ class Defaults:
     threads: int
     spinning: bool
     openvino_hint: str
+    openvino_hyper_threading: bool
     bf16_candidates: bool
     int8_bf16_candidates: bool
     why: dict = field(default_factory=lambda: dict(MEASURED))
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "threads": self.threads, "spinning": self.spinning,
-                "openvino_hint": self.openvino_hint, "bf16_candidates": self.bf16_candidates,
+                "openvino_hint": self.openvino_hint, "openvino_hyper_threading": self.openvino_hyper_threading,
+                "bf16_candidates": self.bf16_candidates,
                 "int8_bf16_candidates": self.int8_bf16_candidates}
 
 
@@ -254,7 +261,8 @@ def defaults_for(cpu: CpuDescription) -> Defaults:
     usable = cpu.usable
     quota_binds = cpu.quota is not None and cpu.quota < cpu.allowed
     return Defaults(kind=cpu.kind, threads=usable, spinning=not quota_binds and usable > 1,
-                    openvino_hint="latency", bf16_candidates=cpu.bf16, int8_bf16_candidates=cpu.bf16)
+                    openvino_hint="latency", openvino_hyper_threading=cpu.threads_per_core > 1,
+                    bf16_candidates=cpu.bf16, int8_bf16_candidates=cpu.bf16)
 
 
 def current_defaults() -> Defaults:

@@ -96,6 +96,8 @@ class OpenVino(Runtime):
         # synchronous request cannot use); amd-epyc-avx2 1,584 against 840 img/s.
         Option("hint", str, None, "PERFORMANCE_HINT (default per CPU kind: latency, as one synchronous request "
                "is fastest on every kind measured)", choices=tuple(_PERF_HINTS)),
+        Option("hyper_threading", bool, None, "ENABLE_HYPER_THREADING on the CPU device (default per CPU kind: on "
+               "where the CPU has SMT, so every usable CPU runs a thread)"),
     )
 
     @classmethod
@@ -156,6 +158,10 @@ class OpenVino(Runtime):
         self.threads_used = self.threads if self.threads is not None else cpu_defaults.threads
         if base == "CPU":
             config["INFERENCE_NUM_THREADS"] = int(self.threads_used)
+            ht = self.options.get("hyper_threading")
+            if ht is None:  # SMT: the LATENCY hint would otherwise use one thread per physical core
+                ht = self.options["hyper_threading"] = cpu_defaults.openvino_hyper_threading
+            config["ENABLE_HYPER_THREADING"] = bool(ht)
         elif self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:

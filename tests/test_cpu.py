@@ -91,6 +91,7 @@ def test_per_kind_defaults_are_decided_from_the_description():
     a, b, c = defaults_for(amx), defaults_for(avx2), defaults_for(throttled)
     # SMT: one thread per logical CPU, not ORT's one per physical core
     assert (a.threads, a.spinning, a.bf16_candidates, a.int8_bf16_candidates) == (2, True, True, True)
+    assert a.openvino_hyper_threading and not b.openvino_hyper_threading
     assert (b.threads, b.spinning, b.bf16_candidates) == (2, True, False)
     assert (c.threads, c.spinning) == (2, False)  # a 64-CPU host with a 2-CPU quota: 2 threads, no spinning
     for d in (a, b, c):
@@ -133,7 +134,8 @@ CHILD = textwrap.dedent("""
     ov = load_runtime("openvino", rt.model_path, **opts.pop("ov", {}))
     ov.run(np.zeros((2, 3, 64, 64), np.float32))
     res["ov"] = {"threads": ov.threads_used, "hint": ov.options["hint"],
-                 "INFERENCE_NUM_THREADS": int(ov.compiled.get_property("INFERENCE_NUM_THREADS"))}
+                 "INFERENCE_NUM_THREADS": int(ov.compiled.get_property("INFERENCE_NUM_THREADS")),
+                 "ENABLE_HYPER_THREADING": bool(ov.compiled.get_property("ENABLE_HYPER_THREADING"))}
     res["thread_cpus_after_ov"] = cpus_of_threads()
     print(json.dumps(res))
 """)
@@ -161,12 +163,13 @@ def test_a_cgroup_quota_sets_every_thread_count_and_options_override_it(trained,
     if (os.cpu_count() or 1) > 1:  # the quota binds only where the mask has more than one CPU
         assert got["defaults"]["spinning"] is False and got["ort"]["spinning"] is False
     assert got["ort"]["threads"] == got["ort"]["intra_op_num_threads"] == 1
-    assert got["ov"] == {"threads": 1, "hint": "latency", "INFERENCE_NUM_THREADS": 1}
+    assert got["ov"] == {"threads": 1, "hint": "latency", "INFERENCE_NUM_THREADS": 1,
+                         "ENABLE_HYPER_THREADING": True}  # the faked Intel has 2 threads per core
     over = _child({"model": str(trained.onnx), "ort": {"threads": 2, "spinning": True},
-                   "ov": {"threads": 2, "hint": "throughput"}}, env)
+                   "ov": {"threads": 2, "hint": "throughput", "hyper_threading": False}}, env)
     assert over["ort"]["threads"] == over["ort"]["intra_op_num_threads"] == 2
     assert over["ort"]["spinning"] is True and over["ort"]["options"] == {"spinning": True}
-    assert over["ov"] == {"threads": 2, "hint": "throughput", "INFERENCE_NUM_THREADS": 2}
+    assert over["ov"] == {"threads": 2, "hint": "throughput", "INFERENCE_NUM_THREADS": 2, "ENABLE_HYPER_THREADING": False}
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="restricting the mask needs two CPUs")

@@ -91,13 +91,15 @@ def test_unscoped_keys_go_to_the_runtimes_that_declare_them():
 
 def test_rt_options_are_what_was_applied(trained):
     with load_runtime("openvino", trained.onnx, hint="throughput") as rt:
-        assert rt.options == {"device": "CPU", "hint": "throughput"}  # nothing popped
+        assert rt.options == {"device": "CPU", "hint": "throughput",  # nothing popped; unset ones as applied
+                              "hyper_threading": current_defaults().openvino_hyper_threading}
     with Classifier(trained.onnx, spinning="false") as clf:  # strings are typed by the declaration
         assert clf.runtime.options == {"spinning": False}
     with load_runtime("ort-cpu", trained.onnx) as rt:  # unset: this machine's per-kind default, as applied
         assert rt.options == {"spinning": current_defaults().spinning}
     with load_runtime("openvino", trained.onnx) as rt:
-        assert rt.options == {"device": "CPU", "hint": current_defaults().openvino_hint}
+        assert rt.options == {"device": "CPU", "hint": current_defaults().openvino_hint,
+                              "hyper_threading": current_defaults().openvino_hyper_threading}
 
 
 @pytest.mark.parametrize("name", ["ort-cpu", "openvino"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from course_net import CourseNet
 from PIL import Image
 from torch import nn
 
@@ -21,22 +22,6 @@ from edgecnn.labels import format_list
 
 LABELS = ["ring", "box", "tri", "plus", "zebra", "chess", "plain"]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-class CourseNet(nn.Module):
-    """The course material's Net, verbatim in structure."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.feature_extractor = nn.Sequential(
-            nn.Conv2d(3, 32, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
-            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
-            nn.Flatten(),
-        )
-        self.classifier = nn.Linear(64 * 16 * 16, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.feature_extractor(x))
 
 
 def _seven_class_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
