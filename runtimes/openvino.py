@@ -165,6 +165,7 @@ class OpenVino(Runtime):
         elif self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         try:
+            self.compile_config = dict(config)  # what was asked of OpenVINO (it may normalize some of it)
             self.compiled = core.compile_model(model, device, config)
         except Exception as e:  # noqa: BLE001
             msg = _first_line(e)

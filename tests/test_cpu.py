@@ -135,7 +135,7 @@ CHILD = textwrap.dedent("""
     ov.run(np.zeros((2, 3, 64, 64), np.float32))
     res["ov"] = {"threads": ov.threads_used, "hint": ov.options["hint"],
                  "INFERENCE_NUM_THREADS": int(ov.compiled.get_property("INFERENCE_NUM_THREADS")),
-                 "ENABLE_HYPER_THREADING": bool(ov.compiled.get_property("ENABLE_HYPER_THREADING"))}
+                 "ENABLE_HYPER_THREADING": ov.compile_config.get("ENABLE_HYPER_THREADING")}
     res["thread_cpus_after_ov"] = cpus_of_threads()
     print(json.dumps(res))
 """)
