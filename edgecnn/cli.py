@@ -654,6 +654,11 @@ def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, 
             target = load_config(model)[1]
         target = target or "ort-cpu"
         typed = route_registered(options, [target])[target]
+    if instances > 1 and "threads" not in typed:
+        # N batches run at once on one model: split the usable CPUs between them, never more threads than CPUs
+        from edgecnn.runtimes.cpu import usable_cpus
+
+        typed["threads"] = max(1, usable_cpus() // instances)
     served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, **typed)
     try:
         run_server(served, cfg, log=lambda s: click.echo(s, err=True))

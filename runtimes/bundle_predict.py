@@ -77,7 +77,9 @@ class BundleModel:
         deploy = manifest.get("deploy") or {}
         runtime = manifest.get("runtime") or "ort-cpu"
         # An explicit count, never the runtime's own (it sees neither the affinity mask nor a cgroup quota).
-        threads = threads or deploy.get("threads") or _usable_cpus()
+        # (a tuned count from the deploy settings is capped by the CPUs here: it may come from a bigger machine)
+        usable = _usable_cpus()
+        threads = threads or min(int(deploy.get("threads") or usable), usable)
         if runtime == "openvino":
             meta, in_type, in_shape = self._load_openvino(folder / name, deploy, threads)
         else:

@@ -23,6 +23,11 @@ def load_config(path: str | os.PathLike) -> tuple[Path, str, dict]:
     model = (path.parent / cfg["model"]).resolve()
     if path.parent.resolve() not in model.parents:
         raise InvalidInputError(f"{path}: the model path leaves the config's folder; refused")
-    opts = {"precision": cfg.get("precision", "fp32"), "threads": cfg.get("threads"),
-            **(cfg.get("options") or {})}
+    threads = cfg.get("threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0:
+        # Tuned on another machine, perhaps: never more threads than the CPUs this process may use here.
+        from .cpu import usable_cpus
+
+        threads = min(threads, usable_cpus())
+    opts = {"precision": cfg.get("precision", "fp32"), "threads": threads, **(cfg.get("options") or {})}
     return model, str(cfg.get("runtime", "ort-cpu")), opts

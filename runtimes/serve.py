@@ -156,7 +156,7 @@ class ServedModel:
                 "inputs": inputs, "outputs": outputs,
                 "parameters": {"runtime": rt.describe(), "class_names": list(self.clf.class_names),
                                "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
-                               "instances": cfg.instances,
+                               "instances": cfg.instances, "threads": getattr(rt, "threads_used", None),
                                "batching": self.batching}}
 
     def decode_images(self, blobs: list[bytes]) -> np.ndarray:

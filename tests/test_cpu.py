@@ -172,6 +172,17 @@ def test_a_cgroup_quota_sets_every_thread_count_and_options_override_it(trained,
     assert over["ov"] == {"threads": 2, "hint": "throughput", "INFERENCE_NUM_THREADS": 2, "ENABLE_HYPER_THREADING": False}
 
 
+def test_a_tuned_thread_count_is_capped_by_the_cpus_here(tmp_path):
+    """deploy.json from a bigger machine: its threads are capped by this process's usable CPUs."""
+    from edgecnn.runtimes.cpu import usable_cpus
+    from edgecnn.runtimes.deploy import load_config
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    (tmp_path / "deploy.json").write_text(json.dumps({"format": "edgecnn-deploy/1", "model": "m.onnx",
+                                                      "runtime": "ort-cpu", "threads": 64}))
+    assert load_config(tmp_path / "deploy.json")[2]["threads"] == min(64, usable_cpus())
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="restricting the mask needs two CPUs")
 def test_an_affinity_mask_is_respected_and_never_escaped(trained):
     """Under a one-CPU mask (taskset -c 0): one thread each, and no thread of the process, ORT's or

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from edgecnn.runtimes import Classifier
+from edgecnn.runtimes.cpu import usable_cpus
 from PIL import Image
 
 from edgecnn.data import synthetic_dataset
@@ -170,6 +171,8 @@ def test_plain_http_health_metadata_and_json_infer(server, clf):
     assert {"name": "images", "datatype": "BYTES", "shape": [-1]} in meta["inputs"]
     assert {"name": "logits", "datatype": "FP32", "shape": [-1, 6]} in meta["outputs"]
     assert meta["parameters"]["class_names"] == list(clf.class_names)
+    # --instances 2 without -O threads: the usable CPUs are split between the two instances
+    assert meta["parameters"]["instances"] == 2 and meta["parameters"]["threads"] == max(1, usable_cpus() // 2)
     # The default export has a fixed batch of 1: served through a copy with a symbolic batch axis.
     assert meta["parameters"]["batching"].startswith("dynamic")
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
