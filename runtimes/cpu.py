@@ -216,7 +216,9 @@ MEASURED = {
     "spinning": (
         "on where every thread has a CPU of its own (b1 p50 0.16-0.20 ms with it, 0.23-0.24 without on "
         "amd-epyc-avx512-bf16); off where a cgroup quota is smaller than the affinity mask: spinning threads "
-        "burn the quota while idle and the whole pool is throttled for the rest of the period"),
+        "burn the quota while idle and the whole pool is throttled for the rest of the period (amd-epyc-avx2, "
+        "1.5-CPU quota, 2 threads, 3 rounds: spinning b1 p50 0.56-0.79 ms but p99 up to 21.7 ms; without it "
+        "p50 0.61-0.64 ms, p99 at most 1.63 ms; b64 within noise, 1,070-1,722 against 1,101-1,654 img/s)"),
     "openvino_hint": (
         "LATENCY on every kind measured (one synchronous request per thread): amd-epyc-avx512-bf16 5,504 "
         "vs 2,838 img/s with THROUGHPUT; amd-epyc-avx2 1,584 vs 840 img/s (tune screening, 2 threads)"),
