@@ -233,8 +233,8 @@ MEASURED = {
         "issue 16: 0.315 ms with 2 threads against 0.359 ms with ORT's 1)"),
     "fast_paths": (
         "tune candidates follow the ISA: bf16 (and int8 with bf16 float ops) only where bf16 is native "
-        "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO emulates it, slower than fp32); int8 everywhere, "
-        "where VNNI/AMX-INT8 make it fastest"),
+        "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO does not list BF16 among the CPU's capabilities, "
+        "amd-epyc-avx2: FP32, INT8, BIN); int8 everywhere (VNNI/AMX-INT8 speed it up where present)"),
 }
 
 
