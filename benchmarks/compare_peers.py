@@ -79,19 +79,10 @@ def build(spec: dict):
     return rt.run, getattr(rt, "actual_precision", rt.precision)
 
 
-def thread_cpus() -> list[str]:
-    """The CPU lists this process's threads may run on (from /proc/self/task/*/status)."""
-    out = set()
-    for st in Path("/proc/self/task").glob("*/status"):
-        try:
-            out.update(ln.split()[1] for ln in st.read_text().splitlines() if ln.startswith("Cpus_allowed_list"))
-        except OSError:
-            continue
-    return sorted(out)
-
-
 def child(spec: dict, min_time: float) -> dict:
     """Load one configuration (its load time includes torch.compile's compilation), time it, report."""
+    from edgecnn.runtimes.cpu import thread_cpus
+
     from edgecnn.bench import make_inputs
 
     x1, x64 = make_inputs(1, spec["mean"], spec["std"]), make_inputs(64, spec["mean"], spec["std"])

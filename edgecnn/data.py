@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from edgecnn.runtimes.preprocess import INPUT_SIZE, normalize, to_rgb_uint8
 
 from .errors import InvalidInputError
+from .labels import folder_classes
 
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross", "stripes", "checker")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -110,7 +111,7 @@ def image_folder(root: str | os.PathLike, size: int = INPUT_SIZE) -> Dataset:
     if not root.is_dir():
         what = "is a file, not a folder root/<class>/<image>" if root.exists() else "data folder does not exist"
         raise InvalidInputError(f"{root}: {what}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = folder_classes(root)
     if len(classes) < 2:
         raise InvalidInputError(f"{root}: expected at least 2 class folders (root/<class>/<image>), found {len(classes)}")
     images, labels = [], []

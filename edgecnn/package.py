@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from ._io import sha256_file
+from ._io import _umask, sha256_file
 from .errors import IntegrityError, InvalidInputError, InvalidModelError, MissingDependencyError
 
 FORMAT = "edgecnn-bundle/1"
@@ -363,9 +363,7 @@ def _write_bundle(out: Path, parent: Path, files: list[ModelFile], names: list[s
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~_umask())  # a folder as mkdir would make it (mkdtemp gives 0700)
         _swap_into_place(tmp, out)
     finally:
         if tmp.exists():

@@ -19,7 +19,7 @@ from edgecnn.errors import InvalidModelError
 from .onnx_guard import _fields
 
 # onnx.proto field numbers
-_M_GRAPH, _M_META, _M_OPSET = 7, 14, 8
+_M_GRAPH, _M_META = 7, 14
 _G_NODE, _G_INIT, _G_INPUT, _G_OUTPUT = 1, 5, 11, 12
 _N_OP, _N_ATTR = 4, 5
 _A_NAME, _A_I = 1, 3

@@ -98,6 +98,16 @@ def allowed_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def thread_cpus() -> list[str]:
+    """The CPU lists this process's threads may run on (Cpus_allowed_list of /proc/self/task/*/status): a
+    list other than the process's mask is a thread pinned elsewhere."""
+    out = set()
+    for st in Path("/proc/self/task").glob("*/status"):
+        text = _read(st) or ""
+        out.update(ln.split()[1] for ln in text.splitlines() if ln.startswith("Cpus_allowed_list"))
+    return sorted(out)
+
+
 def threads_from(allowed: int, quota: float | None) -> int:
     """min(affinity mask, quota rounded up), at least 1: a quota of 1.5 CPUs gets 2 threads (as the JVM,
     .NET and Go size their pools), a quota of 0.5 gets 1."""

@@ -175,7 +175,7 @@ class _OrtGpu(_OrtRuntime):
         self._check_precision_env()
         if self.precision == "fp16":
             self._refuse_int8_file()
-        ort = _import_ort()
+        ort = self._ort = _import_ort()  # kept: run() and run_device() use it per call
         _quiet_preload(ort)  # right before the session: CUDA/cuDNN from the nvidia-* wheels
         super()._load()
         self.actual_precision = self.precision
@@ -261,9 +261,8 @@ class _OrtGpu(_OrtRuntime):
                                         f"got {x.shape()}")
             with self._lock:
                 if x is not self._in_val:
-                    ort = _import_ort()
-                    if hasattr(ort, "copy_tensors"):
-                        ort.copy_tensors([x], [self._in_val])
+                    if hasattr(self._ort, "copy_tensors"):
+                        self._ort.copy_tensors([x], [self._in_val])
                     else:
                         self._in_val.update_inplace(x.numpy())
                 self.session.run_with_iobinding(self._graph_binding)
@@ -281,9 +280,8 @@ class _OrtGpu(_OrtRuntime):
                 self.session.run_with_iobinding(self._graph_binding)
                 return self._graph_binding.copy_outputs_to_cpu()[0]
         if self.io_binding:
-            ort = _import_ort()
             b = self.session.io_binding()
-            b.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
+            b.bind_ortvalue_input(self.input_name, self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
             b.bind_output(self.output_name, "cuda", self.device_id)
             self.session.run_with_iobinding(b)
             return b.copy_outputs_to_cpu()[0]

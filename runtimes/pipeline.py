@@ -139,14 +139,14 @@ def make_rows(paths: Sequence[str], errors: Sequence[str | None], probs: np.ndar
               class_names: Sequence[str], top_k: int) -> list[dict]:
     """One row per path; ``probs`` holds one row per path whose error is None, in order."""
     k = min(top_k, len(class_names))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k] if probs is not None else None  # once per batch
     rows, j = [], 0
     for p, err in zip(paths, errors, strict=True):
         row: dict = {"path": p}
         idx: Sequence[int] = ()
         if err is None:
-            pr = probs[j]
+            pr, idx = probs[j], order[j]
             j += 1
-            idx = np.argsort(-pr, kind="stable")[:k]
         for n in range(top_k):  # past the class count (or on error) the cells are empty
             found = n < len(idx)
             row[f"label_{n + 1}"] = class_names[idx[n]] if found else None
@@ -187,7 +187,8 @@ def predict_rows(paths: Iterable[str], model: BatchModel, *, top_k: int = 1, bat
             submit()
             pixels, errors = fut.result()
             ok = [i for i, e in enumerate(errors) if e is None]
-            probs = model.probabilities_from_pixels(pixels[ok]) if ok else None
+            batch = pixels if len(ok) == len(errors) else pixels[ok]  # no copy when every file decoded
+            probs = model.probabilities_from_pixels(batch) if ok else None
             yield make_rows(chunk, errors, probs, names, top_k)
     finally:
         for _, fut in pending:

@@ -32,6 +32,7 @@ from .preprocess import MAX_PIXELS, softmax
 from .serve_protocol import (
     OutputTensor,
     ProtocolError,
+    RequestedOutput,
     classification,
     encode_infer_response,
     parse_infer_request,
@@ -462,11 +463,11 @@ class App:
                 raise HTTPError(e.status, str(e)) from None
             if not self.ready:
                 raise HTTPError(503, "the server is shutting down")
+            unknown = [w.name for w in req.outputs or () if w.name not in self.model.outputs]
+            if unknown:  # refused before the model runs for it
+                raise HTTPError(400, f"unknown output {unknown[0]!r}; this model has {', '.join(self.model.outputs)}")
             logits = await self.batcher.submit(x)
-            try:
-                outputs = self._outputs(req, logits)
-            except ProtocolError as e:
-                raise HTTPError(e.status, str(e)) from None
+            outputs = self._outputs(req, logits)
             resp, json_len = encode_infer_response(self.model.name, MODEL_VERSION, req.id, outputs)
         finally:
             self.metrics.in_flight.dec()
@@ -510,14 +511,10 @@ class App:
         m = self.model
         wanted = req.outputs
         if wanted is None:
-            from .serve_protocol import RequestedOutput
-
             wanted = [RequestedOutput(o, req.binary_default) for o in m.outputs]
         out = []
         probs = None
-        for w in wanted:
-            if w.name not in m.outputs:
-                raise ProtocolError(f"unknown output {w.name!r}; this model has {', '.join(m.outputs)}")
+        for w in wanted:  # names were checked before the model ran
             if w.name == "probabilities" and not m.clf.embedded_softmax:
                 if probs is None:
                     probs = softmax(logits.astype(np.float32))

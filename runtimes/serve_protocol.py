@@ -25,7 +25,6 @@ from edgecnn.errors import InvalidInputError
 NUMPY_OF = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8,
             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32,
             "UINT64": np.uint64, "BOOL": np.bool_}
-V2_OF = {np.dtype(v): k for k, v in NUMPY_OF.items()}
 
 
 class ProtocolError(InvalidInputError):
@@ -38,6 +37,8 @@ class ProtocolError(InvalidInputError):
 
 @dataclass
 class InputTensor:
+    """One tensor of a request (and, with ``binary``, of a response: OutputTensor)."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
@@ -201,12 +202,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 @dataclass
-class OutputTensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray | list[bytes]
-    binary: bool
+class OutputTensor(InputTensor):
+    binary: bool  # sent in the binary part of the body (else as JSON data)
 
 
 def encode_infer_response(model_name: str, model_version: str, rid: str | None,

@@ -112,31 +112,24 @@ def test_tune_candidates_follow_the_cpu_kind(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import glob, json, os, sys
+    import json, os, sys
     import numpy as np
     from edgecnn.runtimes import load_runtime
-    from edgecnn.runtimes.cpu import current_defaults
+    from edgecnn.runtimes.cpu import current_defaults, thread_cpus
     from edgecnn.runtimes.pipeline import default_workers
     opts = json.loads(sys.argv[1])
-    def cpus_of_threads():
-        out = set()
-        for st in glob.glob("/proc/self/task/*/status"):
-            for line in open(st):
-                if line.startswith("Cpus_allowed_list"):
-                    out.add(line.split()[1])
-        return sorted(out)
     res = {"defaults": current_defaults().as_dict(), "workers": default_workers()}
     rt = load_runtime("ort-cpu", opts.pop("model"), **opts.pop("ort", {}))
     rt.run(np.zeros((8, 3, 64, 64), np.float32))
     res["ort"] = {"threads": rt.threads_used, "spinning": rt.spinning_used, "options": rt.options,
                   "intra_op_num_threads": rt.session.get_session_options().intra_op_num_threads}
-    res["thread_cpus"] = cpus_of_threads()
+    res["thread_cpus"] = thread_cpus()
     ov = load_runtime("openvino", rt.model_path, **opts.pop("ov", {}))
     ov.run(np.zeros((2, 3, 64, 64), np.float32))
     res["ov"] = {"threads": ov.threads_used, "hint": ov.options["hint"],
                  "INFERENCE_NUM_THREADS": int(ov.compiled.get_property("INFERENCE_NUM_THREADS")),
                  "ENABLE_HYPER_THREADING": ov.compile_config.get("ENABLE_HYPER_THREADING")}
-    res["thread_cpus_after_ov"] = cpus_of_threads()
+    res["thread_cpus_after_ov"] = thread_cpus()
     print(json.dumps(res))
 """)
 
