@@ -417,3 +417,13 @@ def test_served_model_from_a_bundle_a_deploy_config_and_without_relaxing(trained
     (bundle / "manifest.json").write_text(json.dumps({"default_model": "../../etc/passwd"}))
     with pytest.raises(InvalidInputError, match="leaves the bundle"):
         ServedModel(bundle)
+
+
+def test_an_unknown_output_is_refused_before_the_model_runs(server):
+    x = np.zeros((2, 3, 64, 64), np.float32)
+    body = json.loads(_json_infer(x))
+    body["outputs"] = [{"name": "nosuch"}]
+    before = _batch_stats(server)
+    status, resp, _ = server.request("POST", "/v2/models/model/infer", json.dumps(body).encode())
+    assert status == 400 and "unknown output 'nosuch'" in json.loads(resp)["error"]
+    assert _batch_stats(server) == before  # no batch ran for it
