@@ -256,14 +256,15 @@ def file_size(path: str | os.PathLike) -> int:
     return n
 
 
-def logits(runtime: str, path: str | os.PathLike, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Run ``path`` on ``runtime`` (fp32 compute setting; the file carries its own precision)."""
+def logits(runtime: str, path: str | os.PathLike, batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``path`` on ``runtime`` over every named batch, loaded once (fp32 compute setting; the file
+    carries its own precision)."""
     from edgecnn.runtimes import load_runtime
 
+    from .verify import _run_all
+
     with load_runtime(runtime, path) as rt:
-        if rt.input_shape[0] is not None:
-            batch = rt.input_shape[0]
-        return np.concatenate([rt.run(x[i:i + batch]) for i in range(0, len(x), batch)])
+        return _run_all(rt, batches)
 
 
 def accuracy_report(fp32_logits: dict[str, np.ndarray], q_logits: dict[str, np.ndarray], data: QuantData, *,

@@ -134,7 +134,7 @@ def tune(model: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, 
                                          f"accuracy {rep.acc_quant * 100:.2f}% (drop {rep.drop_points:.2f} points)"))
         except ParityError as e:
             log(f"int8 ({backend}) refused by the accuracy gate: {e}")
-    ref = {k: logits("ort-cpu", fp32, v) for k, v in data.inputs.batches.items()}
+    ref = logits("ort-cpu", fp32, data.inputs.batches)
     cands = candidates(fp32, variants, threads, runtimes)
     from edgecnn.runtimes import load_runtime
 

@@ -100,7 +100,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         from edgecnn.quant_report import accuracy_report, file_size, logits
 
         batches = data.inputs.batches
-        ref = {k: logits("ort-cpu", src, v) for k, v in batches.items()}
+        ref = logits("ort-cpu", src, batches)
         notes: list[str] = list(data.notes)
         if data.labels is None:
             notes.append("no labels given: judged by top-1 agreement with fp32 and the logit-error bounds, not by "
@@ -123,7 +123,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
             say(f"{precision} ({backend}): calibrating and writing {out.name}" if precision == "int8"
                 else f"fp16 ({backend}): converting {out.name}")
             writer(src, tmp, data.calib, method, meta)
-            q = {k: logits(runtime, tmp, v) for k, v in batches.items()}
+            q = logits(runtime, tmp, batches)
             from edgecnn.runtimes.artifact import describe
 
             graph_precision = describe(tmp).precision  # the judge's row: what the graph computes in

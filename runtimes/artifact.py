@@ -12,6 +12,7 @@ import mmap
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from edgecnn.errors import InvalidModelError
@@ -105,7 +106,23 @@ def describe(path: str | os.PathLike) -> ModelArtifact:
         raise InvalidModelError(f"{path}: not an exported model (.onnx or OpenVINO .xml){what}")
     if path.stat().st_size == 0:
         raise InvalidModelError(f"{path}: empty file")
-    return _onnx(path) if fmt == "onnx" else _ir(path)
+    # A runtime load, the judge and package each describe the same file: it is read and hashed once
+    # while it stays the same file (inode, size and mtime of the model and, for an IR, its .bin).
+    files = (path,) if fmt == "onnx" else (path, path.with_suffix(".bin"))
+    return _describe(str(path), fmt, tuple(_stamp(f) for f in files))
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@lru_cache(maxsize=32)
+def _describe(path: str, fmt: str, stamps: tuple) -> ModelArtifact:
+    return _onnx(Path(path)) if fmt == "onnx" else _ir(Path(path))
 
 
 # ---------------------------------------------------------------------------------------------- ONNX
