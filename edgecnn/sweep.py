@@ -74,9 +74,10 @@ def plan(model: Path, runtimes: list[str], precisions: list[str], threads: list[
     from edgecnn.runtimes import get_runtime_class
 
     out = []
+    usable = {rt: get_runtime_class(rt).available() for rt in runtimes}  # once per runtime: a GPU probe reads files
     for rt, prec in itertools.product(runtimes, precisions):
         cls = get_runtime_class(rt)
-        ok, why = cls.available()
+        ok, why = usable[rt]
         if ok and prec != "int8" and prec not in cls.precisions:
             ok, why = False, f"{rt} has no {prec} mode (it has {', '.join(cls.precisions)})"
         path = None

@@ -12,7 +12,7 @@ import numpy as np
 from edgecnn.errors import InvalidInputError, InvalidModelError
 
 from .base import Runtime, load_runtime
-from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, normalize, preprocess, softmax, to_batch_uint8
+from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, normalize, softmax, to_batch_uint8
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,11 @@ class Classifier:
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Images -> the model's input: float32 (N, 3, H, W) normalized, or uint8 (N, H, W, 3) when embedded."""
-        if self.embedded_preprocessing:
-            return to_batch_uint8(images, self.info.input_size)
-        return preprocess(images, self.info.mean, self.info.std, self.info.input_size)
+        return self.model_input(to_batch_uint8(images, self.info.input_size))
+
+    def model_input(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 RGB (N, H, W, 3) at the input size -> what the model takes (normalized, unless embedded)."""
+        return rgb if self.embedded_preprocessing else normalize(rgb, self.info.mean, self.info.std)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W), already normalized -> logits (N, C) (uint8 (N, H, W, 3) if embedded)."""
@@ -110,8 +112,7 @@ class Classifier:
 
         The second half of ``probabilities``: the bulk pipeline decodes in parallel, then calls this.
         """
-        x = rgb if self.embedded_preprocessing else normalize(rgb, self.info.mean, self.info.std)
-        out = self.run(x)
+        out = self.run(self.model_input(rgb))
         if not self.embedded_softmax:
             return softmax(out)
         self._check_probabilities(out)
