@@ -21,7 +21,7 @@ ENGINES = ("local", "ray")
 @dataclass
 class BulkOptions:
     top_k: int = 1
-    runtime: str = "ort-cpu"
+    runtime: str | None = None  # None: what the model names (a deploy.json's or bundle's runtime, else ort-cpu)
     options: dict = field(default_factory=dict)  # runtime options (-O); threads default to 1, see below
     batch_size: int = 64
     workers: int | None = None
@@ -48,10 +48,11 @@ class BulkSummary:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
-def runtime_options(opts: BulkOptions) -> dict:
-    """The runtime gets one thread unless -O threads=N says otherwise: decoding is the cost, and the
-    decode workers need the cores (measured in benchmarks/bulk_predict.py)."""
-    return {"threads": 1, **opts.options}
+def runtime_options(opts: BulkOptions, tuned_threads: bool = False) -> dict:
+    """A plain model file's runtime gets one thread unless -O threads=N says otherwise: decoding is the
+    cost, and the decode workers need the cores (measured in benchmarks/bulk_predict.py). A deploy.json or
+    bundle that records a thread count (``tuned_threads``) runs with it, as it runs everywhere else."""
+    return dict(opts.options) if tuned_threads else {"threads": 1, **opts.options}
 
 
 @contextlib.contextmanager
@@ -72,7 +73,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opts: BulkOptions,
-        echo: Callable[[dict], None] | None = None) -> BulkSummary:
+        echo: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None) -> BulkSummary:
     """Classify every path named by ``inputs``; rows go to ``output`` (a table) or, without it, to ``echo``."""
     from edgecnn.runtimes import Classifier
     from edgecnn.runtimes.pipeline import Progress, columns, count_paths, iter_paths
@@ -94,8 +95,14 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
     if total == 0:
         raise InvalidInputError(f"no image files in {', '.join(map(str, inputs))}")
     summary = BulkSummary(total=total)
+    from edgecnn.runtimes.deploy import resolve
+
+    deployable = resolve(model)  # a bundle altered after packaging is refused here, before any output exists
+    tuned = "threads" in deployable.configured and deployable.threads is not None
     with contextlib.ExitStack() as stack:
-        clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **runtime_options(opts)))
+        clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **runtime_options(opts, tuned)))
+        for note in clf.override_notes:
+            (log or (lambda s: None))(f"edgecnn: note: {note}")
         table = open_table(output, columns(opts.top_k), resume=opts.resume, force=opts.force) if output else None
         done = table.done if table is not None else None
 
@@ -114,7 +121,7 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
                     from . import ray_engine
 
                     paths = [p for p in iter_paths(inputs) if skip is None or not skip(p)]
-                    batches = ray_engine.predict_rows(paths, str(model), opts, runtime_options(opts))
+                    batches = ray_engine.predict_rows(paths, str(model), opts, runtime_options(opts, tuned))
                 else:
                     from edgecnn.runtimes.pipeline import predict_rows
 

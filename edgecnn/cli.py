@@ -474,7 +474,7 @@ def tune(model, output, max_drop, calib, runtimes, threads, batch, objective, in
 @click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--top-k", type=int, default=1, show_default=True)
-@click.option("--runtime", default="ort-cpu", show_default=True)
+@click.option("--runtime", default=None, help="Runtime [default: the deploy.json's or bundle's, else ort-cpu].")
 @click.option("--isolate", is_flag=True, help="Run in a child process (untrusted models: a crash becomes an error).")
 @click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
 @click.option("-o", "--output", type=click.Path(), default=None,
@@ -497,8 +497,8 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
     if isolate:
         from .isolate import isolated_cli
 
-        args = ["predict", str(model), *map(str, images), "--top-k", str(top_k), "--runtime", runtime,
-                "--batch-size", str(batch_size), "--engine", engine]
+        args = ["predict", str(model), *map(str, images), "--top-k", str(top_k), "--batch-size", str(batch_size),
+                "--engine", engine] + (["--runtime", runtime] if runtime else [])
         for o in options:
             args += ["-O", str(o)]
         args += (["-o", str(output)] if output else []) + (["--workers", str(workers)] if workers else [])
@@ -518,18 +518,16 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
         click.echo(f"{name}: " + ", ".join(f"{shown(row[f'label_{i}'])} {row[f'prob_{i}']:.4f}"
                                            for i in range(1, top_k + 1) if row[f"label_{i}"] is not None))
 
+    from edgecnn.runtimes.deploy import resolve
     from edgecnn.runtimes.options import route_registered
 
-    if str(model).lower().endswith(".json") and runtime == "ort-cpu":
-        from edgecnn.runtimes.deploy import load_config
-
-        runtime = load_config(model)[1]  # the deploy config's runtime takes the options
-    typed = route_registered(options, [runtime])[runtime]  # typed before any model is loaded (exit 2)
+    target = runtime or resolve(model).runtime  # the deploy config's or bundle's runtime takes the options
+    typed = route_registered(options, [target])[target]  # typed before any model is loaded (exit 2)
     opts = bulk.BulkOptions(top_k=top_k, runtime=runtime, options=typed, batch_size=batch_size, workers=workers,
                             fast_jpeg=fast_decode, engine=engine, ray_address=ray_address, resume=resume,
                             force=force, progress=progress)
     try:
-        s = bulk.run(model, list(images), output, opts, echo)
+        s = bulk.run(model, list(images), output, opts, echo, log=lambda m: click.echo(m, err=True))
     except KeyboardInterrupt:
         where = f"; the rows done are in {output} (--resume continues)" if output else ""
         click.echo(f"edgecnn: interrupted{where}", err=True)

@@ -50,7 +50,7 @@ def preprocess_source() -> str:
 
 # The bulk pipeline and its result tables, made standalone like the preprocessing: predict.py runs them.
 PIPELINE_FILES = {"edgecnn.runtimes.pipeline": "edgecnn_pipeline.py", "edgecnn.runtimes.tables": "edgecnn_tables.py",
-                  "edgecnn.runtimes.cpu": "edgecnn_cpu.py"}
+                  "edgecnn.runtimes.cpu": "edgecnn_cpu.py", "edgecnn.runtimes.deploy": "edgecnn_deploy.py"}
 _MISSING_STANDIN = (
     'class MissingDependencyError(RuntimeError):\n'
     '    """An optional package is missing (stand-in for edgecnn.errors.MissingDependencyError)."""\n\n'
@@ -181,17 +181,18 @@ def _inspect_ir(path: Path) -> ModelFile:
 
 def read_deploy(path: str | os.PathLike) -> tuple[Path, dict]:
     """A deploy.json from `edgecnn tune` -> (its model file, the runtime settings the bundle records)."""
-    from edgecnn.runtimes.deploy import load_config
+    from edgecnn.runtimes.deploy import resolve
 
-    model, runtime, opts = load_config(path)
-    if runtime not in REQUIREMENTS_FOR:
-        raise InvalidInputError(f"{path}: runtime {runtime}: a bundle runs {' or '.join(REQUIREMENTS_FOR)}")
-    if not model.is_file():
-        raise InvalidInputError(f"{path}: its model {model} does not exist")
-    opts = dict(opts)
-    deploy = {"runtime": runtime, "precision": opts.pop("precision", "fp32") or "fp32",
-              "threads": opts.pop("threads", None), "options": opts, "config": Path(path).name}
-    return model, deploy
+    d = resolve(path)
+    if d.kind != "deploy.json":
+        raise InvalidInputError(f"{path}: not a deploy.json from `edgecnn tune`")
+    if d.runtime not in REQUIREMENTS_FOR:
+        raise InvalidInputError(f"{path}: runtime {d.runtime}: a bundle runs {' or '.join(REQUIREMENTS_FOR)}")
+    if not d.model.is_file():
+        raise InvalidInputError(f"{path}: its model {d.model} does not exist")
+    deploy = {"runtime": d.runtime, "precision": d.precision, "threads": d.threads, "options": dict(d.options),
+              "config": Path(path).name}
+    return d.model, deploy
 
 
 def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike, deploy: dict | None = None) -> list[dict]:

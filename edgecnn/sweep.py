@@ -185,18 +185,18 @@ def resolve(model, runtimes: list[str], precisions: list[str], threads: list[int
     from edgecnn.runtimes.options import route_registered
 
     log = log or (lambda s: None)
+    user_threads = [t for t in threads or [] if t] or None
     threads = threads or [None]
-    if model is not None and str(model).lower().endswith(".json"):
+    tuned = None
+    if model is not None and (str(model).lower().endswith(".json") or Path(model).is_dir()):
         from edgecnn.runtimes.artifact import describe
-        from edgecnn.runtimes.deploy import load_config
+        from edgecnn.runtimes.deploy import resolve as resolve_deployable
 
-        path, rt, opts = load_config(model)
-        if opts.get("options") or set(opts) - {"precision", "threads"}:
-            log("note: the deploy config's backend options are applied by Classifier; bench uses "
-                "runtime, precision and threads")
-        model, runtimes, threads = path, [rt], [opts.get("threads")]
-        graph = describe(path).precision
-        precisions = [graph if graph != "fp32" else opts.get("precision", "fp32")]
+        # A deploy.json or bundle is timed exactly as it runs: its runtime, precision, threads and options.
+        tuned = resolve_deployable(model)
+        model, runtimes, threads = tuned.model, [tuned.runtime], [tuned.threads]
+        graph = describe(tuned.model).precision
+        precisions = [graph if graph != "fp32" else tuned.precision]
     if model is not None and not Path(model).is_file():
         raise InvalidInputError(f"{model}: no such model file")
     if runtimes == ["all"]:
@@ -205,7 +205,24 @@ def resolve(model, runtimes: list[str], precisions: list[str], threads: list[int
         runtimes = [get_runtime_class(n).name for n in runtimes]  # an unknown name fails here (exit 2)
     fail_fast(runtimes)  # none usable (e.g. ort-cuda without a GPU): say so before anything is measured
     # Each runtime gets the options it declares (RUNTIME.KEY scopes); a key no runtime takes fails here.
-    return model, runtimes, precisions, threads, route_registered(options, runtimes, common=False)
+    per_runtime = route_registered(options, runtimes, common=False)
+    if tuned is not None:
+        given = dict(per_runtime.get(tuned.runtime) or {})
+        if given.get("threads") is not None:
+            user_threads = [given.pop("threads")]
+        given.pop("threads", None)
+        run, notes = tuned.override(None, given)
+        threads = [run.threads]
+        if user_threads and user_threads != threads:
+            if "threads" in tuned.configured:
+                notes.append(f"threads {','.join(map(str, user_threads))} override the {tuned.kind}'s "
+                             f"threads={tuned.threads}")
+            threads = user_threads
+        for n in notes:
+            log(f"note: {n}")
+        per_runtime[tuned.runtime] = dict(run.options)
+        log(f"bench: {tuned.kind} {tuned.source}: {run.describe()}")
+    return model, runtimes, precisions, threads, per_runtime
 
 
 def fail_fast(runtimes: list[str]) -> None:

@@ -11,7 +11,6 @@ onnxruntime or, for a bundle of a tuned OpenVINO configuration, openvino)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import threading
@@ -19,7 +18,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
-EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_UNAVAILABLE = 2, 1, 3
+# The bundle's own code, checked against the manifest before it runs (the model and labels: by edgecnn_deploy).
+CODE_FILES = ("edgecnn_preprocess.py", "edgecnn_pipeline.py", "edgecnn_tables.py", "edgecnn_cpu.py",
+              "edgecnn_deploy.py")
+EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 2, 3
 
 
 class BundleError(Exception):
@@ -28,14 +30,6 @@ class BundleError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _usable_cpus() -> int:
@@ -59,31 +53,28 @@ class BundleModel:
     """One model of the bundle on ONNX Runtime CPU (or OpenVINO, for a tuned bundle), with its labels and preprocessing."""
 
     def __init__(self, folder: Path = HERE, model: str | None = None, threads: int | None = None):
+        """``threads``: runtime threads; default: the tuned count the bundle records, else 1 (decoding
+        needs the cores). Refuses (exit 2) a bundle whose model, labels or code differ from the manifest."""
         folder = Path(folder)
+        self.pre = _preprocess_module()  # puts the bundle folder on sys.path (edgecnn_deploy, edgecnn_cpu)
+        import edgecnn_deploy
+
         try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise BundleError(f"{folder / MANIFEST}: cannot read the bundle manifest ({e})") from None
-        name = model or manifest["default_model"]
-        entries = {m["file"]: m for m in manifest["models"]}
-        if name not in entries:
-            raise BundleError(f"no model {name!r} in this bundle; it has {', '.join(entries)}")
-        entry = entries[name]
-        for f in (name, entry.get("weights"), "labels.txt", "edgecnn_preprocess.py", "edgecnn_pipeline.py",
-                  "edgecnn_tables.py", "edgecnn_cpu.py"):
-            if f and _sha256(folder / f) != manifest["files"][f]:
-                raise BundleError(f"{f}: sha256 does not match {MANIFEST} (altered file)", EXIT_CHECK_FAILED)
-        self.pre = _preprocess_module()
-        deploy = manifest.get("deploy") or {}
-        runtime = manifest.get("runtime") or "ort-cpu"
-        # An explicit count, never the runtime's own (it sees neither the affinity mask nor a cgroup quota).
-        # (a tuned count from the deploy settings is capped by the CPUs here: it may come from a bigger machine)
+            d = edgecnn_deploy.resolve(folder, model)  # the one reader edgecnn's commands use too
+            edgecnn_deploy.check_files(folder, d.manifest, [f for f in CODE_FILES if f in d.manifest["files"]])
+        except edgecnn_deploy.DeployableError as e:
+            raise BundleError(str(e)) from None
         usable = _usable_cpus()
-        threads = threads or min(int(deploy.get("threads") or usable), usable)
-        if runtime == "openvino":
-            meta, in_type, in_shape = self._load_openvino(folder / name, deploy, threads)
+        # An explicit count, never the runtime's own (it sees neither the affinity mask nor a cgroup quota);
+        # a tuned count was capped at the CPUs here by resolve (it may come from a bigger machine).
+        threads = min(threads, usable) if threads else (d.threads or 1)
+        self.deployable, self.threads = d, threads
+        if d.runtime == "openvino":
+            meta, in_type, in_shape = self._load_openvino(d.model, d.precision, d.options, threads)
+        elif d.runtime == "ort-cpu":
+            meta, in_type, in_shape = self._load_ort(d.model, threads, d.options)
         else:
-            meta, in_type, in_shape = self._load_ort(folder / name, threads)
+            raise BundleError(f"{folder}: runtime {d.runtime!r} is not one a bundle runs (ort-cpu, openvino)")
         self.labels = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
         self.mean = json.loads(meta["mean"]) if "mean" in meta else list(self.pre.DEFAULT_MEAN)
         self.std = json.loads(meta["std"]) if "std" in meta else list(self.pre.DEFAULT_STD)
@@ -94,7 +85,7 @@ class BundleModel:
         self.class_names = self.labels
         self.input_size = self.size
 
-    def _load_ort(self, path: Path, threads):
+    def _load_ort(self, path: Path, threads, options: dict):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -104,6 +95,8 @@ class BundleModel:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if options.get("spinning") is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options["spinning"] else "0")
         self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         inp = self.session.get_inputs()[0]
@@ -111,22 +104,25 @@ class BundleModel:
         self._infer = lambda x: self.session.run(None, {self.input_name: x})[0]
         return meta, "uint8" if inp.type == "tensor(uint8)" else "float32", list(inp.shape)
 
-    def _load_openvino(self, path: Path, deploy: dict, threads):
-        """The tuned OpenVINO configuration of the bundle's deploy settings (precision, hint, threads)."""
+    def _load_openvino(self, path: Path, precision: str, opts: dict, threads):
+        """The tuned OpenVINO configuration of the bundle's deploy settings (precision, hint, threads, ...)."""
         try:
             import openvino as ov
         except ImportError:
             raise BundleError("openvino is not installed: pip install -r requirements.txt",
                               EXIT_UNAVAILABLE) from None
-        opts = deploy.get("options") or {}
         core = ov.Core()
         model = core.read_model(str(path))
-        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[
-            deploy.get("precision") or "fp32"]}
+        hints = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+        if precision not in hints:
+            raise BundleError(f"precision {precision!r} of this bundle is not one OpenVINO runs ({', '.join(hints)})")
+        config = {"INFERENCE_PRECISION_HINT": hints[precision]}
         if opts.get("hint"):
             config["PERFORMANCE_HINT"] = str(opts["hint"]).upper()
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if opts.get("hyper_threading") is not None:
+            config["ENABLE_HYPER_THREADING"] = bool(opts["hyper_threading"])
         compiled = core.compile_model(model, str(opts.get("device", "CPU")).upper(), config)
         meta = {}
         try:
@@ -182,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="image files, folders (recursive), globs, or .txt files listing one path a line")
     ap.add_argument("--model", default=None, help="which model of the bundle (default: the manifest's default)")
     ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1: decoding needs the cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="runtime threads (default: the tuned count the bundle records, else 1: decoding needs the cores)")
     ap.add_argument("-o", "--output", default=None, help="write rows to .csv, .jsonl or .parquet (needs pyarrow)")
     ap.add_argument("--resume", action="store_true", help="continue -o FILE, skipping the paths already in it")
     ap.add_argument("--force", action="store_true", help="replace an existing -o FILE")
@@ -190,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="decode threads (default: one per core)")
     args = ap.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 1):
-        ap.error("--top-k, --batch-size and --workers must be >= 1")
+    if args.top_k < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 1) or (
+            args.threads is not None and args.threads < 1):
+        ap.error("--top-k, --batch-size, --workers and --threads must be >= 1")
     if args.resume and not args.output:
         ap.error("--resume needs -o FILE")
     try:

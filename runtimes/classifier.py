@@ -62,15 +62,14 @@ class Classifier:
     """
 
     def __init__(self, model_path: str | os.PathLike, runtime: str | None = None, **options):
-        """``model_path``: a model file, or a deploy.json from `edgecnn tune` (its runtime and settings
-        apply unless given here). ``runtime`` defaults to ort-cpu."""
-        if str(model_path).lower().endswith(".json"):
-            from .deploy import load_config
+        """``model_path``: a model file, a deploy.json from `edgecnn tune` or a bundle folder from `edgecnn
+        package` (its runtime and settings apply; ``runtime`` and options given here override them, and
+        ``override_notes`` says which). A plain model file runs on ort-cpu unless ``runtime`` says otherwise."""
+        from .deploy import resolve
 
-            model_path, cfg_runtime, cfg_options = load_config(model_path)
-            runtime = runtime or cfg_runtime
-            options = {**cfg_options, **options}
-        self.runtime: Runtime = load_runtime(runtime or "ort-cpu", model_path, **options)
+        self.deployable, self.override_notes = resolve(model_path).override(runtime, options)
+        d = self.deployable
+        self.runtime: Runtime = load_runtime(d.runtime, d.model, **d.load_kwargs())
         _, _, h, w = self.runtime.input_shape
         if h != w:
             raise InvalidModelError(f"{model_path}: expected a square input, got {h}x{w}")

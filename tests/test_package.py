@@ -219,7 +219,7 @@ def test_check_names_the_altered_file(bundle, run_cli, tmp_path, damage):
     if damage in ("model", "labels", "preprocess"):  # predict.py refuses to use an altered file too
         r = subprocess.run([sys.executable, str(b / "predict.py"), str(b / "labels.txt")],
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and name in r.stderr
+        assert r.returncode == 2 and name in r.stderr and "refused" in r.stderr  # exit 2: refused, never run
 
 
 def test_write_is_atomic_and_refuses_to_overwrite(trained, tmp_path, run_cli):
