@@ -643,14 +643,10 @@ def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, 
     cfg.check()
     typed: dict = {}
     if options:  # typed and checked against the runtime that will serve, before any model is loaded (exit 2)
+        from edgecnn.runtimes.deploy import resolve
         from edgecnn.runtimes.options import route_registered
 
-        target = runtime
-        if target is None and str(model).lower().endswith(".json"):
-            from edgecnn.runtimes.deploy import load_config
-
-            target = load_config(model)[1]
-        target = target or "ort-cpu"
+        target = runtime or resolve(model).runtime  # a deploy.json's or bundle's runtime takes the options
         typed = route_registered(options, [target])[target]
     if instances > 1 and "threads" not in typed:
         # N batches run at once on one model: split the usable CPUs between them, never more threads than CPUs

@@ -66,28 +66,12 @@ class ServeConfig:
             raise InvalidInputError(f"--port must be 0-65535, got {self.port}")
 
 
-def resolve_model(source: str | os.PathLike) -> tuple[Path, str | None, dict]:
-    """A model file, a deploy.json (from `edgecnn tune`) or a bundle folder (from `edgecnn package`)
-    -> (model file, runtime named by the config or None, load options)."""
-    p = Path(source)
-    if p.is_dir():
-        manifest = p / "manifest.json"
-        if not manifest.is_file():
-            raise InvalidInputError(f"{p}: a folder, but not an edgecnn bundle (no manifest.json)")
-        try:
-            name = json.loads(manifest.read_text())["default_model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise InvalidInputError(f"{manifest}: not a readable bundle manifest") from None
-        model = (p / str(name)).resolve()
-        if p.resolve() not in model.parents:
-            raise InvalidInputError(f"{manifest}: the default model leaves the bundle folder; refused")
-        return model, None, {}
-    if p.suffix.lower() == ".json":
-        from .deploy import load_config
+def resolve_model(source: str | os.PathLike):
+    """A model file, a deploy.json (from `edgecnn tune`) or a bundle folder (from `edgecnn package`) -> the
+    one description of what to run (edgecnn.runtimes.deploy.resolve; an altered bundle is refused)."""
+    from .deploy import resolve
 
-        model, runtime, options = load_config(p)
-        return model, runtime, options
-    return p, None, {}
+    return resolve(source)
 
 
 class ServedModel:
@@ -100,9 +84,9 @@ class ServedModel:
 
     def __init__(self, source: str | os.PathLike, runtime: str | None = None, name: str | None = None,
                  relax: bool = True, **options):
-        model, cfg_runtime, cfg_options = resolve_model(source)
-        options = {**cfg_options, **options}
-        runtime = runtime or cfg_runtime or "ort-cpu"
+        self.deployable, self.override_notes = resolve_model(source).override(runtime, options)
+        d = self.deployable
+        model, runtime, options = d.model, d.runtime, d.load_kwargs()
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.clf = Classifier(model, runtime=runtime, **options)
         self.batching = "dynamic"
@@ -115,7 +99,7 @@ class ServedModel:
                     self.clf = relaxed
                     self.batching = "dynamic (fixed batch axis made symbolic in a temporary copy)"
         self.model_path = model
-        self.name = name or model.stem
+        self.name = name or d.name
         if not self.name or "/" in self.name:
             raise InvalidInputError(f"bad model name {self.name!r}")
         rt = self.clf.runtime
@@ -576,6 +560,8 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     stopped_by: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped_by.append(sig))
     shown = f"[{host}]" if ":" in host else host
+    for note in model.override_notes:
+        log(f"edgecnn serve: note: {note}")
     log(f"edgecnn serve: listening on http://{shown}:{port} model {model.name!r} on {model.clf.runtime.describe()}; "
         f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s), "
         f"batching {model.batching}")

@@ -387,16 +387,13 @@ def test_relaxed_batch_copy_is_the_onnx_package_edit_byte_for_byte(trained, tmp_
 
 
 def test_served_model_from_a_bundle_a_deploy_config_and_without_relaxing(trained, tmp_path):
-    import shutil
-
     from edgecnn.runtimes.serve import ServeConfig, ServedModel
 
     from edgecnn.errors import InvalidInputError
+    from edgecnn.package import build_bundle
 
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    shutil.copy(trained.onnx, bundle / "model.onnx")
-    (bundle / "manifest.json").write_text(json.dumps({"default_model": "model.onnx"}))
+    build_bundle([trained.onnx], bundle)
     (tmp_path / "deploy.json").write_text(json.dumps({"format": "edgecnn-deploy/1", "model": "bundle/model.onnx",
                                                       "runtime": "ort-cpu", "threads": 1}))
     x = np.random.default_rng(8).standard_normal((5, 3, 64, 64)).astype(np.float32)
@@ -414,8 +411,11 @@ def test_served_model_from_a_bundle_a_deploy_config_and_without_relaxing(trained
                 assert m.clf.runtime.threads == 1  # the config's settings apply
         finally:
             m.close()
-    (bundle / "manifest.json").write_text(json.dumps({"default_model": "../../etc/passwd"}))
-    with pytest.raises(InvalidInputError, match="leaves the bundle"):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["default_model"] = "../../etc/passwd"
+    manifest["models"].append({"file": "../../etc/passwd"})
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match="leaves the folder"):
         ServedModel(bundle)
 
 

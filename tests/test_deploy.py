@@ -1,0 +1,139 @@
+"""One deployable: a model file, a deploy.json and a bundle folder resolve to what runs, everywhere alike."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edgecnn.runtimes import Classifier
+from edgecnn.runtimes.deploy import DeployableError, TamperedBundleError, resolve, serving_name
+from PIL import Image
+
+from edgecnn.data import synthetic_dataset
+from edgecnn.package import build_bundle
+
+
+@pytest.fixture(scope="module")
+def tuned(trained, tmp_path_factory) -> Path:
+    """A deploy.json as `edgecnn tune` writes it, in model.tuned/, with a thread count and a backend option."""
+    folder = tmp_path_factory.mktemp("t") / "model.tuned"
+    folder.mkdir()
+    shutil.copyfile(trained.onnx, folder / "model.fp32.onnx")
+    cfg = {"format": "edgecnn-deploy/1", "runtime": "ort-cpu", "precision": "fp32", "label_precision": "fp32",
+           "model": "model.fp32.onnx", "threads": 1, "options": {"spinning": False}}
+    (folder / "deploy.json").write_text(json.dumps(cfg))
+    return folder / "deploy.json"
+
+
+@pytest.fixture(scope="module")
+def tuned_bundle(tuned, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    build_bundle([tuned], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("img") / "a.png"
+    Image.fromarray(synthetic_dataset(1, seed=5).images[0]).save(p)
+    return p
+
+
+def test_serving_names():
+    assert serving_name("model.int8.ov.xml") == "model"
+    assert serving_name("model.onnx") == "model"
+    assert serving_name("my.net.fp16.onnx") == "my.net"
+
+
+def test_each_kind_resolves_to_what_it_says(trained, tuned, tuned_bundle):
+    plain = resolve(trained.onnx)
+    assert (plain.kind, plain.runtime, plain.threads, plain.options, plain.hashes_checked) == (
+        "model", "ort-cpu", None, {}, False)
+    d = resolve(tuned)
+    assert (d.kind, d.runtime, d.threads, d.options, d.name) == ("deploy.json", "ort-cpu", 1, {"spinning": False},
+                                                                  "model")
+    assert d.model == (tuned.parent / "model.fp32.onnx").resolve()
+    b = resolve(tuned_bundle)
+    assert (b.kind, b.runtime, b.threads, b.options, b.hashes_checked, b.name) == (
+        "bundle", "ort-cpu", 1, {"spinning": False}, True, "model")
+
+
+def test_classifier_runs_the_tuned_configuration_and_says_what_overrides_it(tuned, tuned_bundle):
+    for source in (tuned, tuned_bundle):
+        with Classifier(source) as clf:
+            assert clf.runtime.threads_used == 1 and clf.runtime.spinning_used is False
+            assert clf.override_notes == []
+        with Classifier(source, threads=2, spinning=True) as clf:
+            assert clf.runtime.threads_used == min(2, clf.runtime.threads_used) and clf.runtime.spinning_used
+            notes = " ".join(clf.override_notes)
+            assert "threads=2 overrides" in notes or clf.runtime.threads_used == 1  # capped on a 1-CPU box
+            assert "spinning=True overrides" in notes
+
+
+def test_bench_of_a_deploy_config_times_its_options_and_threads(tuned, run_cli, tmp_path):
+    r = run_cli("bench", tuned, "--batch", "1", "--min-time", "0.05", "--no-roofline", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert rows and all(x["options"] == {"spinning": False} and x["threads_used"] == 1 for x in rows)
+    r = run_cli("bench", tuned, "--batch", "1", "--min-time", "0.05", "--no-roofline", "-O", "spinning=on")
+    assert r.exit_code == 0 and "spinning=True overrides the deploy.json's spinning=False" in r.output
+
+
+def _tampered(bundle: Path, tmp_path: Path) -> Path:
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle, b)
+    data = bytearray((b / "model.fp32.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (b / "model.fp32.onnx").write_bytes(bytes(data))
+    return b
+
+
+def test_a_bundle_altered_after_packaging_is_refused_everywhere(tuned_bundle, image, run_cli, tmp_path):
+    b = _tampered(tuned_bundle, tmp_path)
+    with pytest.raises(TamperedBundleError, match="model.fp32.onnx was altered"):
+        resolve(b)
+    with pytest.raises(TamperedBundleError):
+        Classifier(b)
+    for args in (("predict", b, image), ("bench", b, "--batch", "1")):
+        r = run_cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert "altered after packaging" in r.output and "Traceback" not in r.output
+    # serve in a child process, bounded: a server that did start would otherwise run until killed
+    r = subprocess.run([sys.executable, "-m", "edgecnn.cli", "serve", str(b), "--port", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "altered after packaging" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(b / "predict.py"), str(image)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "altered after packaging" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_bundle_predict_py_runs_the_tuned_threads_and_reads_a_broken_manifest_in_one_line(tuned_bundle, image,
+                                                                                           tmp_path):
+    sys.path.insert(0, str(tuned_bundle))
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bundle_predict_under_test", tuned_bundle / "predict.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        m = mod.BundleModel(tuned_bundle)
+        assert m.threads == 1 and m.deployable.options == {"spinning": False}
+        with Classifier(tuned_bundle) as clf:
+            np.testing.assert_allclose(m.probabilities([image]), clf.probabilities([image]), rtol=1e-5, atol=1e-6)
+    finally:
+        sys.path.remove(str(tuned_bundle))
+    b = tmp_path / "nokey"
+    shutil.copytree(tuned_bundle, b)
+    manifest = json.loads((b / "manifest.json").read_text())
+    del manifest["default_model"]
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([sys.executable, str(b / "predict.py"), str(image)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "default_model" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(DeployableError, match="default_model"):
+        resolve(b)
