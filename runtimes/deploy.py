@@ -145,12 +145,6 @@ def _settings(cfg: dict, where: str) -> tuple[str, str, int | None, dict, frozen
     return runtime, precision, _threads(cfg.get("threads"), where), dict(options), configured
 
 
-def load_config(path: str | os.PathLike) -> tuple[Path, str, dict]:
-    """deploy.json -> (model path, runtime name, load options). Kept for callers of the older reader."""
-    d = resolve(path)
-    return d.model, d.runtime, {"precision": d.precision, "threads": d.threads, **d.options}
-
-
 def resolve(source: str | os.PathLike, model: str | None = None) -> Deployable:
     """A model file, a deploy.json or a bundle folder -> the one description of what to run.
 

@@ -168,12 +168,12 @@ def test_a_cgroup_quota_sets_every_thread_count_and_options_override_it(trained,
 def test_a_tuned_thread_count_is_capped_by_the_cpus_here(tmp_path):
     """deploy.json from a bigger machine: its threads are capped by this process's usable CPUs."""
     from edgecnn.runtimes.cpu import usable_cpus
-    from edgecnn.runtimes.deploy import load_config
+    from edgecnn.runtimes.deploy import resolve
 
     (tmp_path / "m.onnx").write_bytes(b"")
     (tmp_path / "deploy.json").write_text(json.dumps({"format": "edgecnn-deploy/1", "model": "m.onnx",
                                                       "runtime": "ort-cpu", "threads": 64}))
-    assert load_config(tmp_path / "deploy.json")[2]["threads"] == min(64, usable_cpus())
+    assert resolve(tmp_path / "deploy.json").threads == min(64, usable_cpus())
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="restricting the mask needs two CPUs")
