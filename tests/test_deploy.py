@@ -137,3 +137,36 @@ def test_bundle_predict_py_runs_the_tuned_threads_and_reads_a_broken_manifest_in
     assert r.returncode == 2 and "default_model" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(DeployableError, match="default_model"):
         resolve(b)
+
+
+def test_a_tuned_openvino_bundle_is_served_with_its_runtime_and_threads(trained, tmp_path):
+    """The real server process: the bundle's tuned runtime (OpenVINO), threads and hint, shown in the metadata."""
+    pytest.importorskip("openvino")
+    from test_serve import Server
+
+    folder = tmp_path / "model.tuned"
+    folder.mkdir()
+    shutil.copyfile(trained.onnx, folder / "model.fp32.onnx")
+    (folder / "deploy.json").write_text(json.dumps(
+        {"format": "edgecnn-deploy/1", "runtime": "openvino", "precision": "fp32", "model": "model.fp32.onnx",
+         "threads": 1, "options": {"hint": "latency"}}))
+    bundle = tmp_path / "bundle"
+    build_bundle([folder / "deploy.json"], bundle)
+    srv = Server(bundle, tmp_path / "serve.log")
+    try:
+        status, body, _ = srv.get("/v2/models/model")
+        assert status == 200, body
+        meta = json.loads(body)
+        params = meta["parameters"]
+        assert "openvino" in str(params.get("runtime")) and params.get("threads") == 1, params
+        x = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
+        req = {"inputs": [{"name": meta["inputs"][0]["name"], "datatype": "FP32", "shape": [2, 3, 64, 64],
+                           "data": x.ravel().tolist()}], "outputs": [{"name": "logits"}]}
+        status, body, _ = srv.request("POST", "/v2/models/model/infer", json.dumps(req).encode(),
+                                      {"Content-Type": "application/json"})
+        assert status == 200, body
+        got = np.asarray(json.loads(body)["outputs"][0]["data"], dtype=np.float32).reshape(2, -1)
+        with Classifier(trained.onnx, runtime="openvino", threads=1) as ref:
+            np.testing.assert_allclose(got, ref.run(x), rtol=1e-3, atol=1e-5)
+    finally:
+        assert srv.stop() == 0
