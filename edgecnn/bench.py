@@ -47,23 +47,15 @@ def make_inputs(batch: int, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), buffer
 
 def time_runtime(rt, batch: int, *, warmup: int = 5, min_time: float = 1.0, min_iters: int = 10,
                  max_iters: int = 10_000, load_s: float = 0.0) -> BenchRow:
-    meta = rt.metadata()
-    mean, std = _json_or(meta, "mean", (0.5, 0.5, 0.5)), _json_or(meta, "std", (0.25, 0.25, 0.25))
+    from edgecnn.runtimes.classifier import metadata_norm
+
+    _, mean, std = metadata_norm(rt.metadata())
     from edgecnn.runtimes.timing import measure
 
     inputs = make_inputs(batch, mean, std, raw=getattr(rt, "input_layout", "NCHW") == "NHWC-uint8")
     t = measure(rt.run, inputs, warmup=warmup, min_time=min_time, min_iters=min_iters, max_iters=max_iters)
     return BenchRow(rt.name, rt.device, getattr(rt, "actual_precision", rt.precision), batch, t.iterations,
                     t.p50_ms, t.p90_ms, t.p99_ms, t.mean_ms, t.throughput(batch), load_s)
-
-
-def _json_or(meta: dict, key: str, default):
-    import json
-
-    try:
-        return json.loads(meta[key])
-    except (KeyError, ValueError):
-        return default
 
 
 def relax_batch(onnx_path: Path, out: Path, batch: int | None = None) -> Path:

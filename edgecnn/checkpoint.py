@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -231,16 +230,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _triple(path: Path, key: str, value, positive: bool = False) -> list[float]:
-    """Three finite numbers (std: > 0), or InvalidModelError naming the field and the value."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    vals = [float(v) for v in value] if ok else []
-    if not ok or not all(math.isfinite(v) for v in vals) or (positive and min(vals) <= 0):
-        need = "three finite numbers > 0" if positive else "three finite numbers"
-        raise InvalidModelError(f"{path}: {key} must be {need}, got {str(value)[:60]}")
-    return vals
+    """Three finite numbers on the 0..1 scale (std: > 0), or InvalidModelError naming the field and the value."""
+    from edgecnn.runtimes.preprocess import check_norm
+
+    return list(check_norm(value, f"{path}: {key}", positive, InvalidModelError))
 
 
 def with_overrides(ck: Checkpoint, class_names: list[str] | None = None, mean: list[float] | None = None,

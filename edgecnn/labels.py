@@ -67,10 +67,6 @@ def parse_triple(value: str, option: str, positive: bool = False) -> list[float]
         raise InvalidInputError(f"{option} {value!r}: expected three numbers R,G,B, e.g. 0.485,0.456,0.406") from None
     if len(vals) != 3:
         raise InvalidInputError(f"{option} {value!r}: expected three numbers R,G,B, got {len(vals)}")
-    if any(v != v or abs(v) == float("inf") for v in vals):
-        raise InvalidInputError(f"{option} {value!r}: values must be finite")
-    if positive and min(vals) <= 0:
-        raise InvalidInputError(f"{option} {value!r}: values must be > 0")
-    if max(abs(v) for v in vals) > 2.0:
-        raise InvalidInputError(f"{option} {value!r}: give values on the 0..1 pixel scale (e.g. 0.229, not 58.4)")
-    return vals
+    from edgecnn.runtimes.preprocess import check_norm
+
+    return list(check_norm(vals, option, positive))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,13 +32,11 @@ class QuantData:
 
 
 def model_classes_and_norm(meta: dict[str, str]) -> tuple[list[str] | None, list[float], list[float]]:
-    def get(key, default):
-        try:
-            return json.loads(meta[key])
-        except (KeyError, ValueError):
-            return default
+    """The model's class names (None when absent) and mean/std, through the one validator."""
+    from edgecnn.runtimes.classifier import metadata_norm
 
-    return get("class_names", None), get("mean", [0.5, 0.5, 0.5]), get("std", [0.25, 0.25, 0.25])
+    names, mean, std = metadata_norm(meta)
+    return (list(names) if names is not None else None), list(mean), list(std)
 
 
 def _check_classes(names, found: list[str], where: str) -> None:

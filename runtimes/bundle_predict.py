@@ -75,9 +75,16 @@ class BundleModel:
             meta, in_type, in_shape = self._load_ort(d.model, threads, d.options)
         else:
             raise BundleError(f"{folder}: runtime {d.runtime!r} is not one a bundle runs (ort-cpu, openvino)")
-        self.labels = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
-        self.mean = json.loads(meta["mean"]) if "mean" in meta else list(self.pre.DEFAULT_MEAN)
-        self.std = json.loads(meta["std"]) if "std" in meta else list(self.pre.DEFAULT_STD)
+        # The one validator of class names and mean/std (edgecnn_preprocess.py is edgecnn's own preprocess).
+        try:
+            self.labels = list(self.pre.check_class_names(
+                (folder / "labels.txt").read_text(encoding="utf-8").splitlines(), "labels.txt"))
+            self.mean = list(self.pre.check_norm(json.loads(meta["mean"]) if "mean" in meta
+                                                 else self.pre.DEFAULT_MEAN, "the model's mean"))
+            self.std = list(self.pre.check_norm(json.loads(meta["std"]) if "std" in meta
+                                                else self.pre.DEFAULT_STD, "the model's std", positive=True))
+        except (ValueError, self.pre.InvalidInputError) as e:
+            raise BundleError(f"{folder}: {e}") from None
         self.uint8 = in_type == "uint8"  # preprocessing embedded in the graph: feed RGB pixels
         self.softmax_inside = meta.get("embedded_softmax") == "1"
         self.size = int(in_shape[1] if self.uint8 else in_shape[2])

@@ -12,7 +12,16 @@ import numpy as np
 from edgecnn.errors import InvalidInputError, InvalidModelError
 
 from .base import Runtime, load_runtime
-from .preprocess import DEFAULT_MEAN, DEFAULT_STD, ImageLike, normalize, softmax, to_batch_uint8
+from .preprocess import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    ImageLike,
+    check_class_names,
+    check_norm,
+    normalize,
+    softmax,
+    to_batch_uint8,
+)
 
 
 @dataclass(frozen=True)
@@ -26,32 +35,29 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], num_classes: int, input_size: int) -> ModelInfo:
-        try:
-            names = json.loads(meta["class_names"]) if "class_names" in meta else None
-            mean = json.loads(meta["mean"]) if "mean" in meta else DEFAULT_MEAN
-            std = json.loads(meta["std"]) if "std" in meta else DEFAULT_STD
-        except json.JSONDecodeError as e:
-            raise InvalidModelError(f"model metadata is not valid JSON: {e}") from None
-        if names is None:
-            names = [f"class_{i}" for i in range(num_classes)]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise InvalidModelError(f"model metadata class_names must be a list of strings, got {str(names)[:80]}")
-        if len(names) != num_classes:
-            raise InvalidModelError(
-                f"model metadata names {len(names)} classes but the model outputs {num_classes}"
-            )
-        return cls(tuple(names), _triple("mean", mean), _triple("std", std, positive=True), input_size)
+        names, mean, std = metadata_norm(meta, num_classes)
+        return cls(names or tuple(f"class_{i}" for i in range(num_classes)), mean, std, input_size)
 
 
-def _triple(key: str, value, positive: bool = False) -> tuple[float, ...]:
-    """Three finite numbers (std: > 0), or InvalidModelError naming the field."""
-    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    vals = tuple(float(v) for v in value) if ok else ()
-    if not ok or not np.isfinite(vals).all() or (positive and min(vals) <= 0):
-        need = "three finite numbers > 0" if positive else "three finite numbers"
-        raise InvalidModelError(f"model metadata {key} must be {need}, got {str(value)[:80]}")
-    return vals
+def metadata_norm(meta: dict[str, str], num_classes: int | None = None
+                  ) -> tuple[tuple[str, ...] | None, tuple[float, ...], tuple[float, ...]]:
+    """(class names or None, mean, std) from a model's metadata, through the one validator (defaults where
+    absent); InvalidModelError naming the field when present but malformed."""
+    try:
+        names = json.loads(meta["class_names"]) if "class_names" in meta else None
+        mean = json.loads(meta["mean"]) if "mean" in meta else DEFAULT_MEAN
+        std = json.loads(meta["std"]) if "std" in meta else DEFAULT_STD
+    except json.JSONDecodeError as e:
+        raise InvalidModelError(f"model metadata is not valid JSON: {e}") from None
+    if names is not None:
+        names = check_class_names(names, "model metadata class_names", num_classes, InvalidModelError)
+    return (names, check_norm(mean, "model metadata mean", error=InvalidModelError),
+            check_norm(std, "model metadata std", positive=True, error=InvalidModelError))
+
+
+def assumed_fields(meta: dict[str, str]) -> list[str]:
+    """What the export assumed rather than knew ("labels", "normalization"), as its metadata records it."""
+    return [k for k in ("labels", "normalization") if meta.get(f"{k}_source") == "assumed"]
 
 
 class Classifier:

@@ -18,6 +18,46 @@ DEFAULT_STD = (0.25, 0.25, 0.25)
 MAX_PIXELS = 8192 * 8192
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+# mean/std are on the 0..1 pixel scale; values this large are the 0..255 scale (58.4 for 0.229).
+_MAX_NORM = 2.0
+
+
+def check_norm(value, what: str, positive: bool = False, error: type[Exception] = InvalidInputError
+               ) -> tuple[float, float, float]:
+    """The one validator of a mean or std (every reader uses it, the bundle's copy too): three finite
+    numbers on the 0..1 scale, std > 0. ``what`` names the field in the one-line ``error``."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    vals = tuple(float(v) for v in value) if ok else ()
+    shown = str(list(value) if isinstance(value, tuple) else value)[:80]
+    if not ok:
+        raise error(f"{what} must be three numbers R,G,B, got {shown}")
+    if not all(np.isfinite(vals)):
+        raise error(f"{what} must be finite, got {shown}")
+    if positive and min(vals) <= 0:
+        raise error(f"{what} must be > 0, got {shown}")
+    if max(abs(v) for v in vals) > _MAX_NORM:
+        raise error(f"{what} {shown} looks like the 0..255 scale: give it on the 0..1 pixel scale (divide by 255, "
+                    "e.g. 0.229, not 58.4)")
+    return vals
+
+
+def check_class_names(names, what: str, num_classes: int | None = None,
+                      error: type[Exception] = InvalidInputError) -> tuple[str, ...]:
+    """The one validator of class names: a non-empty list of distinct one-line strings, as many as the
+    model's outputs when ``num_classes`` is given."""
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise error(f"{what} must be a non-empty list of strings, got {str(names)[:80]}")
+    if num_classes is not None and len(names) != num_classes:
+        raise error(f"{what} names {len(names)} classes but the model outputs {num_classes}")
+    if any(not n.strip() or "\n" in n or "\r" in n for n in names):
+        raise error(f"{what}: a class name is empty or contains a line break")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise error(f"{what}: duplicate class names {', '.join(dup[:5])}")
+    return tuple(names)
 
 
 def _open(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
