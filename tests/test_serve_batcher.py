@@ -33,6 +33,7 @@ class Fake:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         assert x.flags.c_contiguous
+        assert threading.current_thread() is not threading.main_thread()  # never on the event loop
         self.calls.append(len(x))
         self.inputs.append(x.copy())
         if (x[:, 0] == BLOCK).any():
@@ -74,7 +75,8 @@ async def occupy(b: Batcher, fake: Fake, n_calls: int = 1) -> asyncio.Task:
 def _isolation(raises: bool) -> None:
     async def main():
         fake = Fake(raises=raises)
-        b = Batcher(fake, max_batch=8)
+        sizes: list[int] = []
+        b = Batcher(fake, max_batch=8, on_batch=sizes.append)
         b.start()
         held = await occupy(b, fake)
         xs = [rows(1, 10 * i) for i in range(7)]
@@ -85,6 +87,9 @@ def _isolation(raises: bool) -> None:
         res = await asyncio.gather(*tasks, return_exceptions=True)
         await held
         assert fake.calls[:2] == [1, 8]  # all eight really shared one model call
+        assert sizes == fake.calls and max(fake.calls) == 8
+        if not raises:
+            assert len(fake.calls) == 2  # non-finite rows need no re-run
         for i, (x, r) in enumerate(zip(xs, res, strict=True)):
             if i == 3:
                 assert isinstance(r, RowsFailedError) and r.status == 422
@@ -98,7 +103,7 @@ def _isolation(raises: bool) -> None:
     assert "\n" not in msg
     if raises:
         assert msg.startswith("the model failed on this request: bad value in <path>")
-        assert "/tmp/" not in msg and "tmpab12cd" not in msg
+        assert "/tmp/" not in msg and "tmpab12cd" not in msg and "Traceback" not in msg
     else:
         assert msg == NOT_FINITE
 
@@ -109,6 +114,57 @@ def test_non_finite_rows_fail_alone():
 
 def test_raising_model_fails_only_the_bad_request():
     _isolation(raises=True)
+
+
+def test_a_split_request_with_a_bad_row_fails_whole_and_its_other_pieces_are_dropped():
+    async def main():
+        fake = Fake()
+        b = Batcher(fake, max_batch=2)
+        x = rows(5)
+        x[3, 1] = POISON
+        with pytest.raises(RowsFailedError, match="not finite"):
+            await b.submit(x)
+        assert fake.calls == [2, 2] and b.queued_rows == 0  # its last row never ran
+        np.testing.assert_array_equal(await b.submit(rows(3)), rows(3) * 2)
+        await b.stop()
+
+    run(main())
+
+
+def test_rows_that_do_not_stack_run_apart():
+    async def main():
+        fake = Fake()
+        b = Batcher(fake, max_batch=8)
+        held = await occupy(b, fake)
+        a = asyncio.ensure_future(b.submit(rows(2)))
+        c = asyncio.ensure_future(b.submit(np.ones((1, 4), np.float32)))
+        await until(lambda: b.queued_rows == 3)
+        fake.gate.set()
+        np.testing.assert_array_equal(await a, rows(2) * 2)
+        np.testing.assert_array_equal(await c, np.full((1, 4), 2, np.float32))
+        await held
+        assert fake.calls == [1, 2, 1] and b.healthy  # the stacking failure was isolated, not fatal
+        await b.stop()
+
+    run(main())
+
+
+def test_instances_run_calls_at_the_same_time():
+    async def main():
+        fake = Fake()
+        b = Batcher(fake, max_batch=4, instances=2)
+        first = await occupy(b, fake)
+        second = await occupy(b, fake, 2)
+        assert b.running_batches == 2 and b.queued_rows == 0
+        queued = asyncio.ensure_future(b.submit(rows(1)))
+        await until(lambda: b.queued_rows == 1)
+        assert b.retry_after_s() >= 1
+        fake.gate.set()
+        await asyncio.gather(first, second, queued)
+        assert fake.calls == [1, 1, 1] and b.running_batches == 0
+        await b.stop()
+
+    run(main())
 
 
 def test_memory_error_from_the_model_is_a_request_failure_not_death():
