@@ -1,0 +1,122 @@
+"""The model `edgecnn serve` runs: its Classifier and the v2 description of its inputs and outputs. Torch-free."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgecnn.errors import InvalidInputError, InvalidModelError
+
+from .classifier import Classifier
+from .preprocess import MAX_PIXELS
+from .serve_protocol import ProtocolError
+
+IMAGES_INPUT = "images"
+MODEL_VERSION = "1"
+
+
+def resolve_model(source: str | os.PathLike):
+    """A model file, a deploy.json (from `edgecnn tune`) or a bundle folder (from `edgecnn package`) -> the
+    one description of what to run (edgecnn.runtimes.deploy.resolve; an altered bundle is refused)."""
+    from .deploy import resolve
+
+    return resolve(source)
+
+
+class ServedModel:
+    """The Classifier a server runs, with the v2 description of its inputs and outputs.
+
+    A fixed-batch ONNX model (the default export: batch 1) is served through a copy whose batch axis
+    is symbolic (``onnx_batch.relax_batch_file``, torch- and onnx-free), so a batch of 64 is one call;
+    with ``relax=False``, or when the copy cannot be made, ``Runtime.run`` feeds the batch row by row.
+    """
+
+    def __init__(self, source: str | os.PathLike, runtime: str | None = None, name: str | None = None,
+                 relax: bool = True, **options):
+        self.deployable, self.override_notes = resolve_model(source).override(runtime, options)
+        d = self.deployable
+        model, runtime, options = d.model, d.runtime, d.load_kwargs()
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.clf = Classifier(model, runtime=runtime, **options)
+        self.batching = "dynamic"
+        if self.clf.runtime.input_shape[0] is not None:
+            self.batching = f"fixed batch {self.clf.runtime.input_shape[0]}: batches run row by row"
+            if relax and model.suffix.lower() == ".onnx":
+                relaxed = self._relaxed(model, runtime, options)
+                if relaxed is not None:
+                    self.clf.close()
+                    self.clf = relaxed
+                    self.batching = "dynamic (fixed batch axis made symbolic in a temporary copy)"
+        self.model_path = model
+        self.name = name or d.name
+        if not self.name or "/" in self.name:
+            raise InvalidInputError(f"bad model name {self.name!r}")
+        rt = self.clf.runtime
+        _, c, h, w = rt.input_shape
+        self.input_name = getattr(rt, "input_name", "input")
+        if self.clf.embedded_preprocessing:
+            self.input_datatype, self.input_dims = "UINT8", (h, w, c)
+        else:
+            self.input_datatype, self.input_dims = "FP32", (c, h, w)
+        self.num_classes = len(self.clf.class_names)
+        self.outputs = ["probabilities"] if self.clf.embedded_softmax else ["logits", "probabilities"]
+
+    def _relaxed(self, model: Path, runtime: str, options: dict) -> Classifier | None:
+        from .onnx_batch import relax_batch_file
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgecnn-serve-")
+        try:
+            path = relax_batch_file(model, Path(self._tmp.name) / model.name)
+            clf = Classifier(path, runtime=runtime, **options)
+            # The relaxed copy must give the same logits as the original, row by row.
+            x = self.clf.runtime.dummy_input(3)
+            x = (np.random.default_rng(0).standard_normal(x.shape).astype(np.float32) if x.dtype == np.float32
+                 else np.random.default_rng(0).integers(0, 256, x.shape, dtype=np.uint8))
+            if np.allclose(clf.run(x), self.clf.run(x), rtol=1e-4, atol=1e-5):
+                return clf
+            clf.close()
+        except (InvalidModelError, InvalidInputError):
+            pass
+        self._tmp.cleanup()
+        self._tmp = None
+        return None
+
+    def metadata(self, cfg) -> dict:
+        rt = self.clf.runtime
+        inputs = [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_dims]},
+                  {"name": IMAGES_INPUT, "datatype": "BYTES", "shape": [-1]}]
+        outputs = [{"name": o, "datatype": "FP32", "shape": [-1, self.num_classes]} for o in self.outputs]
+        return {"name": self.name, "versions": [MODEL_VERSION], "platform": f"edgecnn_{rt.name}",
+                "inputs": inputs, "outputs": outputs,
+                "parameters": {"runtime": rt.describe(), "class_names": list(self.clf.class_names),
+                               "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
+                               "instances": cfg.instances, "threads": getattr(rt, "threads_used", None),
+                               "batching": self.batching}}
+
+    def decode_images(self, blobs: list[bytes]) -> np.ndarray:
+        """Encoded image files (JPEG, PNG, ...) -> the model's input batch, as Classifier.preprocess makes it."""
+        from PIL import Image, UnidentifiedImageError
+
+        images = []
+        for i, b in enumerate(blobs):
+            try:
+                im = Image.open(io.BytesIO(b))
+                if im.width * im.height > MAX_PIXELS:
+                    raise ProtocolError(f"image {i} is too large ({im.width}x{im.height})")
+                im.load()
+            except ProtocolError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+                raise ProtocolError(f"image {i} is not a decodable image file") from None
+            images.append(im)
+        return self.clf.preprocess(images)
+
+    def close(self) -> None:
+        self.clf.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
