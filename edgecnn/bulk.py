@@ -101,7 +101,7 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
     tuned = "threads" in deployable.configured and deployable.threads is not None
     with contextlib.ExitStack() as stack:
         clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **runtime_options(opts, tuned)))
-        for note in clf.override_notes:
+        for note in clf.override_notes + ([clf.assumption_note] if clf.assumption_note else []):
             (log or (lambda s: None))(f"edgecnn: note: {note}")
         table = open_table(output, columns(opts.top_k), resume=opts.resume, force=opts.force) if output else None
         done = table.done if table is not None else None

@@ -30,17 +30,25 @@ class Checkpoint:
     sha256: str = ""
     bare: bool = False  # True when the file was a bare state_dict
     assumed: list[str] = field(default_factory=list)  # "labels" / "normalization" the file did not carry
+    sources: dict = field(default_factory=dict)  # "labels"/"normalization" -> "command line" when given there
 
     def build_model(self) -> Net:
         net = Net(self.num_classes)
         net.load_state_dict(self.state_dict, strict=True)
         return net.eval()
 
+    def source_of(self, what: str) -> str:
+        """Where the ``what`` ("labels" / "normalization") came from: checkpoint, command line or assumed."""
+        return self.sources.get(what) or ("assumed" if what in self.assumed else "checkpoint")
+
     def onnx_metadata(self) -> dict[str, str]:
         meta = {
             "class_names": json.dumps(self.class_names),
             "mean": json.dumps(self.mean),
             "std": json.dumps(self.std),
+            # where each came from, so the device can say when it runs on assumed labels / normalization
+            "labels_source": self.source_of("labels"),
+            "normalization_source": self.source_of("normalization"),
             "input_layout": "NCHW",
             "input_size": str(self.input_size),
             "edgecnn_version": __version__,
@@ -248,6 +256,7 @@ def with_overrides(ck: Checkpoint, class_names: list[str] | None = None, mean: l
                                     f"model has {ck.num_classes} outputs")
         ck.class_names = list(class_names)
         ck.assumed = [a for a in ck.assumed if a != "labels"]
+        ck.sources["labels"] = "command line"
     if (mean is None) != (std is None) and "normalization" in ck.assumed:
         raise InvalidInputError("give --mean and --std together (the checkpoint carries neither)")
     if mean is not None:
@@ -256,6 +265,7 @@ def with_overrides(ck: Checkpoint, class_names: list[str] | None = None, mean: l
         ck.std = list(std)
     if mean is not None or std is not None:
         ck.assumed = [a for a in ck.assumed if a != "normalization"]
+        ck.sources["normalization"] = "command line"
     return ck
 
 

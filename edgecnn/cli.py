@@ -173,7 +173,7 @@ def train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads, 
         if Path(output).suffix.lower() not in (".pt", ".pth"):
             raise InvalidInputError(f"{output}: the checkpoint file must end in .pt")
         if data is not None and not Path(data).is_dir():
-            raise InvalidInputError(f"{data}: data folder does not exist")
+            raise InvalidInputError(f"{data}: no such file or folder")
         args = ["--epochs", epochs, "--batch-size", batch_size, "--lr", lr, "--seed", seed, "--per-class", per_class,
                 "--val-fraction", val_fraction, "-o", output, "--progress" if progress else "--no-progress"]
         args += (["--data", data] if data else []) + (["--threads", threads] if threads else [])

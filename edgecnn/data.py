@@ -109,7 +109,7 @@ def image_folder(root: str | os.PathLike, size: int = INPUT_SIZE) -> Dataset:
     """root/<class>/<image>: every readable image, resized to size x size RGB; classes sorted by name."""
     root = Path(root)
     if not root.is_dir():
-        what = "is a file, not a folder root/<class>/<image>" if root.exists() else "data folder does not exist"
+        what = "is a file, not a folder root/<class>/<image>" if root.exists() else "no such file or folder"
         raise InvalidInputError(f"{root}: {what}")
     classes = folder_classes(root)
     if len(classes) < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,13 @@ def assumed_fields(meta: dict[str, str]) -> list[str]:
     return [k for k in ("labels", "normalization") if meta.get(f"{k}_source") == "assumed"]
 
 
+class AssumedMetadataWarning(UserWarning):
+    """The model's labels or normalization were assumed at export, not known."""
+
+
+_WARNED: set[str] = set()
+
+
 class Classifier:
     """A model on a runtime, with the model's own preprocessing and labels.
 
@@ -83,11 +91,30 @@ class Classifier:
         num_classes = probe.shape[-1]
         meta = self.runtime.metadata()
         self.info = ModelInfo.from_metadata(meta, num_classes, h)
+        # What the export assumed (a bare state_dict, no --labels/--mean/--std): said once per model file.
+        self.assumed = assumed_fields(meta)
+        if self.assumed and str(d.model) not in _WARNED:
+            _WARNED.add(str(d.model))
+            warnings.warn(self.assumption_note, AssumedMetadataWarning, stacklevel=2)
         # Models exported with --embed-preprocessing take uint8 RGB pixels (N, H, W, 3) and may end in Softmax.
         self.embedded_preprocessing = self.runtime.input_layout == "NHWC-uint8"
         self.embedded_softmax = meta.get("embedded_softmax") == "1"
         if self.embedded_softmax:
             self._check_probabilities(probe)
+
+    @property
+    def assumption_note(self) -> str:
+        """One line naming what the export assumed ("" when nothing was)."""
+        if not self.assumed:
+            return ""
+        parts = []
+        if "labels" in self.assumed:
+            parts.append(f"labels {', '.join(self.info.class_names[:4])}{', ...' if len(self.info.class_names) > 4 else ''}")
+        if "normalization" in self.assumed:
+            parts.append(f"mean {','.join(f'{v:g}' for v in self.info.mean)} std "
+                         f"{','.join(f'{v:g}' for v in self.info.std)}")
+        return (f"{self.runtime.model_path.name} was exported with assumed {' and '.join(parts)} (its checkpoint "
+                "carried none): re-export with --labels/--mean/--std if those are not the training values")
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -80,7 +80,29 @@ def _open(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
     except InvalidInputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidInputError(f"{p}: not a readable image ({type(e).__name__})") from None
+        raise InvalidInputError(f"{p}: {unreadable_reason(p, e)}") from None
+
+
+def unreadable_reason(path: str | os.PathLike | None, e: BaseException) -> str:
+    """Why an image could not be read, in words (never a bare exception name)."""
+    msg = str(e)
+    try:
+        size = os.path.getsize(path) if path is not None else None
+    except OSError:
+        size = None
+    if size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(e, Image.DecompressionBombError):
+        return "image too large (decompression-bomb guard)"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file Pillow can read (unknown or damaged format)"
+    if "truncated" in msg.lower() or "premature end" in msg.lower():
+        fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") if path is not None else ""
+        return f"truncated {fmt or 'image'} file (it ends before the image data does)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"cannot read it ({e.strerror})"
+    first = msg.splitlines()[0][:120] if msg else ""
+    return f"damaged image data ({first})" if first else "damaged image data"
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
