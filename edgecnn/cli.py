@@ -129,6 +129,27 @@ def _option_help() -> str:
 _OPTION_HELP = _option_help()
 
 
+def _stated_options(f):
+    """--labels / --mean / --std, declared once: what export records, and what verify/package check against
+    where the checkpoint carries none (a bare state_dict)."""
+    f = click.option("--std", default=None, metavar="R,G,B", help="Normalization std on the 0..1 scale, e.g. "
+                     "0.229,0.224,0.225 [default: the checkpoint's; export: else 0.25,0.25,0.25].")(f)
+    f = click.option("--mean", default=None, metavar="R,G,B", help="Normalization mean on the 0..1 scale, e.g. "
+                     "0.485,0.456,0.406 [default: the checkpoint's; export: else 0.5,0.5,0.5].")(f)
+    return click.option("--labels", default=None, metavar="FILE|a,b,c|DIR",
+                        help="Class names: a file with one name a line, a comma list, or an ImageFolder (its "
+                             "sorted class folders) [default: the checkpoint's; export: else class_0..].")(f)
+
+
+def _stated(labels, mean, std) -> dict:
+    """The parsed --labels/--mean/--std (None where not given); bad values fail here (exit 2)."""
+    from .labels import parse_labels, parse_triple
+
+    return {"class_names": parse_labels(labels) if labels is not None else None,
+            "mean": parse_triple(mean, "--mean") if mean is not None else None,
+            "std": parse_triple(std, "--std", positive=True) if std is not None else None}
+
+
 def _write_json(path: str, obj) -> None:
     from ._io import write_text_atomic
 
@@ -212,21 +233,11 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
 @click.option("--embed-preprocessing", is_flag=True,
               help="Input uint8 RGB [N,64,64,3]; cast, /255, mean/std and layout change inside the graph.")
 @click.option("--embed-softmax", is_flag=True, help="With --embed-preprocessing: output probabilities, not logits.")
-@click.option("--labels", default=None, metavar="FILE|a,b,c|DIR",
-              help="Class names: a file with one name a line, a comma list, or an ImageFolder (its sorted class "
-                   "folders) [default: the checkpoint's, else class_0..].")
-@click.option("--mean", default=None, metavar="R,G,B", help="Normalization mean on the 0..1 scale, e.g. "
-              "0.485,0.456,0.406 [default: the checkpoint's, else 0.5,0.5,0.5].")
-@click.option("--std", default=None, metavar="R,G,B", help="Normalization std, e.g. 0.229,0.224,0.225 "
-              "[default: the checkpoint's, else 0.25,0.25,0.25].")
+@_stated_options
 def export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize, embed_preprocessing,
            embed_softmax, labels, mean, std):
     """Export a checkpoint (edgecnn's or a bare Net state_dict) to ONNX, checked against PyTorch."""
-    from .labels import parse_labels, parse_triple
-
-    given = {"class_names": parse_labels(labels) if labels is not None else None,
-             "mean": parse_triple(mean, "--mean") if mean is not None else None,
-             "std": parse_triple(std, "--std", positive=True) if std is not None else None}
+    given = _stated(labels, mean, std)
     res = _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, optimize,
                   embed_preprocessing=embed_preprocessing, embed_softmax=embed_softmax, **given)
     if res.note:
@@ -267,21 +278,25 @@ def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, o
               help="Also draw the confusion matrices (reference and each row) as a PNG (needs matplotlib).")
 @click.option("--isolate", is_flag=True, help="Run the check in a child process (untrusted models: a crash becomes an error).")
 @click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
-def verify(model, against, runtimes, precision, rtol, atol, max_drop, data, json_out, confusion, isolate, options):
+@_stated_options
+def verify(model, against, runtimes, precision, rtol, atol, max_drop, data, json_out, confusion, isolate, options,
+           labels, mean, std):
     """Judge MODEL against the PyTorch checkpoint on each runtime; exit 1 on any failure."""
     if isolate:
         from .isolate import isolated_cli
 
         args = ["verify", str(model), "--against", str(against), "--runtime", ",".join(runtimes)]
         for flag, val in (("--precision", precision), ("--rtol", rtol), ("--atol", atol), ("--max-drop", max_drop),
-                          ("--data", data), ("--json", json_out), ("--confusion", confusion)):
+                          ("--data", data), ("--json", json_out), ("--confusion", confusion), ("--labels", labels),
+                          ("--mean", mean), ("--std", std)):
             if val is not None:
                 args += [flag, str(val)]
         for o in options:
             args += ["-O", str(o)]
         sys.exit(isolated_cli(args, f"verifying {model}"))
 
-    verdict = _verify(model, against, runtimes, precision, rtol, atol, data, options, max_drop)
+    verdict = _verify(model, against, runtimes, precision, rtol, atol, data, options, max_drop,
+                      _stated(labels, mean, std))
     click.echo(verdict.text())
     if json_out:
         _write_json(json_out, verdict.as_dict())
@@ -293,7 +308,7 @@ def verify(model, against, runtimes, precision, rtol, atol, max_drop, data, json
     verdict.raise_for_status()
 
 
-def _verify(model, against, runtimes, precision, rtol, atol, data, options=None, max_drop=None):
+def _verify(model, against, runtimes, precision, rtol, atol, data, options=None, max_drop=None, stated=None):
     from .verify import judge
 
     every = runtimes == ["all"]
@@ -305,7 +320,7 @@ def _verify(model, against, runtimes, precision, rtol, atol, data, options=None,
         names = runtime_names() if every else [get_runtime_class(n).name for n in runtimes]
         per_runtime = route_registered(options, names)
     return judge(model, against, runtimes=None if every else runtimes, precision=precision,
-                 rtol=rtol, atol=atol, max_drop=max_drop, data=data, per_runtime_options=per_runtime)
+                 rtol=rtol, atol=atol, max_drop=max_drop, data=data, per_runtime_options=per_runtime, stated=stated)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -553,7 +568,8 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
 @click.option("--verify-json", type=click.Path(), default=None, help="Record this `edgecnn verify --json` output.")
 @click.option("--bench-json", type=click.Path(), default=None, help="Record this `edgecnn bench --json` summary.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def package(paths, output, check_only, against, verify_json, bench_json, force):
+@_stated_options
+def package(paths, output, check_only, against, verify_json, bench_json, force, labels, mean, std):
     """Write a device bundle (models, labels, manifest, requirements, predict.py), or --check one."""
     from . import package as pkg
 
@@ -565,8 +581,11 @@ def package(paths, output, check_only, against, verify_json, bench_json, force):
         return
     if not output:
         raise InvalidInputError("give the bundle folder with -o/--output")
+    stated = _stated(labels, mean, std)
+    if any(v is not None for v in stated.values()) and not against:
+        raise InvalidInputError("--labels/--mean/--std state what --against's checkpoint lacks: give --against too")
     manifest = pkg.build_bundle(list(paths), output, against=against, verify_json=verify_json,
-                                bench_json=bench_json, force=force)
+                                bench_json=bench_json, force=force, stated=stated)
     for name in sorted(manifest["files"]) + [pkg.MANIFEST]:
         click.echo(f"  {name}")
     if manifest["verify"]:
@@ -624,22 +643,31 @@ def demo(output, epochs, per_class, seed, progress):
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port, printed).")
 @click.option("--max-batch", type=int, default=64, show_default=True,
               help="Most rows per model call (1: no batching, one request at a time).")
-@click.option("--max-delay-ms", type=float, default=2.0, show_default=True,
-              help="Longest a request waits for others to join its batch.")
+@click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
+              help="With --instances > 1: longest a free instance waits for more rows while another runs "
+                   "(a lone request always runs at once; batches form while the model is busy).")
 @click.option("--instances", type=int, default=1, show_default=True,
               help="Batches that may run at once, each on its own thread (with -O threads=1: one core each).")
 @click.option("--name", default=None, help="Model name in the URLs [default: the model file's stem].")
 @click.option("--max-body-mb", type=float, default=16.0, show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-queue", type=int, default=None,
+              help="Most rows waiting for the model; past it requests get 503 with Retry-After [default: 8 x --max-batch].")
+@click.option("--max-concurrency", type=int, default=256, show_default=True,
+              help="Most inference requests read, parsed, decoded, queued or run at once; past it 503 with Retry-After.")
+@click.option("--read-timeout-s", type=float, default=10.0, show_default=True,
+              help="A connection idle this long, or slower than this to send its headers or a body chunk, is closed.")
 @click.option("--relax-batch/--no-relax-batch", default=True, show_default=True,
               help="Serve a fixed-batch ONNX model through a copy with a symbolic batch axis (else row by row).")
 @click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
-def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, max_body_mb, relax_batch, options):
+def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, max_body_mb, max_queue,
+          max_concurrency, read_timeout_s, relax_batch, options):
     """Serve MODEL (file, deploy.json or bundle folder) over the KServe v2 protocol with dynamic batching."""
     from edgecnn.runtimes.serve import ServeConfig, ServedModel
     from edgecnn.runtimes.serve import serve as run_server
 
     cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances,
-                      max_body_bytes=int(max_body_mb * (1 << 20)))
+                      max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue,
+                      max_concurrency=max_concurrency, read_timeout_s=read_timeout_s)
     cfg.check()
     typed: dict = {}
     if options:  # typed and checked against the runtime that will serve, before any model is loaded (exit 2)
@@ -653,11 +681,21 @@ def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, 
         from edgecnn.runtimes.cpu import usable_cpus
 
         typed["threads"] = max(1, usable_cpus() // instances)
+    if "spinning" not in typed:
+        # ORT's intra-op spinning burns CPU between requests (about 3x the server's CPU per request at low
+        # load): off when serving on ort-cpu unless -O spinning=... or the deploy.json/bundle sets it.
+        from edgecnn.runtimes.deploy import resolve
+
+        d = resolve(model)
+        if (runtime or d.runtime) == "ort-cpu" and "spinning" not in (d.options or {}):
+            typed["spinning"] = False
     served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, **typed)
     try:
-        run_server(served, cfg, log=lambda s: click.echo(s, err=True))
+        counts = run_server(served, cfg, log=lambda s: click.echo(s, err=True))
     finally:
         served.close()
+    if counts.get("died"):
+        sys.exit(1)
 
 
 def main() -> None:

@@ -195,7 +195,8 @@ def read_deploy(path: str | os.PathLike) -> tuple[Path, dict]:
     return d.model, deploy
 
 
-def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike, deploy: dict | None = None) -> list[dict]:
+def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike, deploy: dict | None = None,
+                   stated: dict | None = None) -> list[dict]:
     """Each model judged against the PyTorch checkpoint on ort-cpu, or on the deploy config's runtime with
     its precision and options (edgecnn.verify, its default rules and inputs); rows as dicts, each naming
     the sha256 of the file it judged. Raises ParityError on a failure."""
@@ -208,7 +209,7 @@ def verify_against(models: list[ModelFile], checkpoint: str | os.PathLike, deplo
     precision = deploy["precision"] if deploy and deploy["precision"] != "fp32" else None
     options = (deploy or {}).get("options") or None
     for m in models:
-        verdict = judge(m.path, ckpt, runtimes=[runtime], precision=precision, options=options)
+        verdict = judge(m.path, ckpt, runtimes=[runtime], precision=precision, options=options, stated=stated)
         verdict.raise_for_status("; the bundle was not written")
         rows += [r.as_dict() for r in verdict.rows]
     return rows
@@ -261,8 +262,9 @@ def _bench_summary(obj) -> list[dict]:
 
 def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, against: str | os.PathLike | None = None,
                  verify_json: str | os.PathLike | None = None, bench_json: str | os.PathLike | None = None,
-                 force: bool = False) -> dict:
-    """Write the bundle folder ``out`` (a temp folder beside it, renamed into place); return its manifest."""
+                 force: bool = False, stated: dict | None = None) -> dict:
+    """Write the bundle folder ``out`` (a temp folder beside it, renamed into place); return its manifest.
+    ``stated``: --labels/--mean/--std for the judge of ``against`` (where the checkpoint carries none)."""
     if not models:
         raise InvalidInputError("no models given")
     out = Path(out)
@@ -290,7 +292,7 @@ def build_bundle(models: list[str | os.PathLike], out: str | os.PathLike, *, aga
         raise InvalidModelError("a class name contains a line break; labels.txt needs one name per line")
     verify = None
     if against is not None:
-        verify = verify_against(files, against, deploy)
+        verify = verify_against(files, against, deploy, stated)
     elif verify_json is not None:
         verify = _verify_rows(_read_json(verify_json, "verify"), verify_json)
     bench = _bench_summary(_read_json(bench_json, "bench")) if bench_json is not None else None
