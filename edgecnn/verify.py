@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -375,6 +375,9 @@ def judge(model: str | os.PathLike | ModelArtifact, checkpoint, *, runtimes: lis
     label_names = None if counts_differ else (truth.values["class_names"] if truth.known("class_names")
                                               else dev_names)
     inputs = inputs or make_inputs(ref_mean, ref_std, label_names, data=data)
+    if counts_differ:
+        inputs = replace(inputs, source=inputs.source.replace("its classes are not the model's: no accuracy figures",
+                                                              "no accuracy figures: the class counts differ"))
     if art.embedded_preprocessing:
         inputs = inputs.pixels()
     refs = reference_logits(ckpt, inputs.batches)
