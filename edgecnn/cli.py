@@ -129,6 +129,15 @@ def _option_help() -> str:
 _OPTION_HELP = _option_help()
 
 
+def _judge_options(f):
+    """--data / --rtol / --atol, declared once for the commands that run the judge (export, verify)."""
+    f = click.option("--atol", type=float, default=None, help="Override the precision's default atol.")(f)
+    f = click.option("--rtol", type=float, default=None, help="Override the precision's default rtol.")(f)
+    return click.option("--data", type=click.Path(), default=None,
+                        help="Image folder root/<class>/<image> for the judge's data-set inputs [default: the "
+                             "built-in set].")(f)
+
+
 def _stated_options(f):
     """--labels / --mean / --std, declared once: what export records, and what verify/package check against
     where the checkpoint carries none (a bare state_dict)."""
@@ -225,9 +234,7 @@ def _train(data, epochs, batch_size, lr, seed, per_class, val_fraction, threads,
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis symbolic (default: fixed 1x3x64x64).")
 @click.option("--check/--no-check", default=True, show_default=True, help="Parity check against PyTorch on ort-cpu.")
-@click.option("--data", type=click.Path(), default=None, help="Image folder for the parity check's data-set inputs.")
-@click.option("--rtol", type=float, default=None)
-@click.option("--atol", type=float, default=None)
+@_judge_options
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Apply the exact graph passes (bit-identical logits), e.g. Elu->MaxPool to MaxPool->Elu.")
 @click.option("--embed-preprocessing", is_flag=True,
@@ -269,10 +276,8 @@ def _export(checkpoint, output, opset, dynamic_batch, check, data, rtol, atol, o
 @click.option("--precision", default=None,
               help="Compute precision for an fp32 graph: fp32, fp16, bf16 [default: fp32; with --runtime all: every "
                    "one]. An int8/fp16 graph is judged at its own precision, read from the graph.")
-@click.option("--rtol", type=float, default=None, help="Override the precision's default rtol.")
-@click.option("--atol", type=float, default=None, help="Override the precision's default atol.")
 @click.option("--max-drop", type=float, default=None, help="Override the top-1 accuracy drop allowed (points).")
-@click.option("--data", type=click.Path(), default=None, help="Image folder for data-set inputs (default: built-in set).")
+@_judge_options
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the verdict as JSON.")
 @click.option("--confusion", type=click.Path(), default=None,
               help="Also draw the confusion matrices (reference and each row) as a PNG (needs matplotlib).")

@@ -121,3 +121,28 @@ def test_a_checkpoint_with_another_class_count_is_one_reason_and_no_figures(stud
     assert "inf" not in table and "0.00%" not in table and "not compared" in table, table
     assert "no accuracy figures: the class counts differ" in table
     assert "must be well-formed" not in table + err[0]
+
+
+def test_an_export_that_assumed_its_labels_and_normalization_says_so_once(student, tmp_path):
+    """Export records where each value came from; the device side says once when it runs on assumed ones."""
+    import warnings
+
+    from edgecnn.runtimes import Classifier
+    from edgecnn.runtimes.classifier import AssumedMetadataWarning
+
+    s = student
+    r = cli("export", s["pt"], "-o", tmp_path / "assumed.onnx")
+    assert r.returncode == 0, r.stderr
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Classifier(tmp_path / "assumed.onnx") as a, Classifier(tmp_path / "assumed.onnx") as b:
+            assert a.assumed == ["labels", "normalization"] and b.assumed == a.assumed
+        with Classifier(s["onnx"]) as stated:  # --labels/--mean/--std given: nothing assumed, nothing said
+            assert stated.assumed == []
+    said = [w for w in seen if issubclass(w.category, AssumedMetadataWarning)]
+    assert len(said) == 1 and "assumed labels class_0" in str(said[0].message), [str(w.message) for w in seen]
+    img = next(s["data"].rglob("*.png"))
+    r = cli("predict", tmp_path / "assumed.onnx", img, img)
+    assert r.returncode == 0 and r.stderr.count("was exported with assumed labels") == 1, r.stderr
+    r = cli("predict", s["onnx"], img)
+    assert r.returncode == 0 and "assumed" not in r.stderr, r.stderr
