@@ -97,12 +97,18 @@ def _ref(trained):
     return np.concatenate(list(batches.values())), np.concatenate(list(reference_logits(ckpt, batches).values()))
 
 
+def _require(name: str) -> None:
+    """A test selected with -m gpu fails, never skips, when its GPU runtime is missing: a run asked to check
+    the GPU paths must not come back green without having run them."""
+    if not _usable(name):
+        pytest.fail(f"-m gpu: {name} is not usable here: {get_runtime_class(name).available()[1]}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,precision", [("ort-cuda", "fp32"), ("ort-cuda", "fp16"),
                                             ("ort-trt", "fp32"), ("ort-trt", "fp16")])
 def test_gpu_parity(name, precision, trained, tmp_path):
-    if not _usable(name):
-        pytest.skip(get_runtime_class(name).available()[1])
+    _require(name)
     x, logits = _ref(trained)
     opts = {"cache_dir": str(tmp_path / "trt")} if name == "ort-trt" else {}
     with load_runtime(name, trained.onnx_dynamic, precision=precision, **opts) as rt:
@@ -113,8 +119,7 @@ def test_gpu_parity(name, precision, trained, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_io_binding_and_cuda_graphs_match_the_plain_session(trained):
-    if not _usable("ort-cuda"):
-        pytest.skip(get_runtime_class("ort-cuda").available()[1])
+    _require("ort-cuda")
     x, _ = _ref(trained)
     with load_runtime("ort-cuda", trained.onnx) as plain, \
             load_runtime("ort-cuda", trained.onnx, io_binding=True) as bound, \
