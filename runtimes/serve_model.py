@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,11 +13,13 @@ import numpy as np
 from edgecnn.errors import InvalidInputError, InvalidModelError
 
 from .classifier import Classifier
-from .preprocess import MAX_PIXELS
+from .preprocess import MAX_PIXELS, to_rgb_uint8
 from .serve_protocol import ProtocolError
 
 IMAGES_INPUT = "images"
 MODEL_VERSION = "1"
+# Decoded pixels one request may hold in all (each image is decoded, resized and dropped in turn).
+MAX_REQUEST_PIXELS = 64_000_000
 
 
 def resolve_model(source: str | os.PathLike):
@@ -86,34 +89,59 @@ class ServedModel:
         return None
 
     def metadata(self, cfg) -> dict:
+        """The v2 model metadata: ``platform`` names the model format, ``parameters`` holds only strings,
+        numbers and booleans (class names as a JSON string; unknown values left out)."""
         rt = self.clf.runtime
         inputs = [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_dims]},
                   {"name": IMAGES_INPUT, "datatype": "BYTES", "shape": [-1]}]
         outputs = [{"name": o, "datatype": "FP32", "shape": [-1, self.num_classes]} for o in self.outputs]
-        return {"name": self.name, "versions": [MODEL_VERSION], "platform": f"edgecnn_{rt.name}",
-                "inputs": inputs, "outputs": outputs,
-                "parameters": {"runtime": rt.describe(), "class_names": list(self.clf.class_names),
-                               "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
-                               "instances": cfg.instances, "threads": getattr(rt, "threads_used", None),
-                               "batching": self.batching}}
+        suffix = self.model_path.suffix.lower()
+        platform = {".onnx": "onnx_onnxv1", ".xml": "openvino_ir"}.get(suffix, f"edgecnn_{rt.name}")
+        params = {"runtime": rt.describe(), "runtime_name": rt.name,
+                  "precision": getattr(self.deployable, "precision", None),
+                  "threads": getattr(rt, "threads_used", None) or getattr(rt, "threads", None),
+                  "spinning": getattr(rt, "spinning_used", None),
+                  "class_names": json.dumps(list(self.clf.class_names)),
+                  "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
+                  "instances": cfg.instances, "max_queue_rows": getattr(cfg, "queue_rows", None),
+                  "batching": self.batching}
+        params = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
+        return {"name": self.name, "versions": [MODEL_VERSION], "platform": platform,
+                "inputs": inputs, "outputs": outputs, "parameters": params}
 
-    def decode_images(self, blobs: list[bytes]) -> np.ndarray:
-        """Encoded image files (JPEG, PNG, ...) -> the model's input batch, as Classifier.preprocess makes it."""
+    def decode_images(self, blobs: list[bytes], max_total_pixels: int = MAX_REQUEST_PIXELS) -> np.ndarray:
+        """Encoded image files (JPEG, PNG, ...) -> the model's input batch, exactly as Classifier.preprocess
+        makes it. Every image's size is read from its header first (nothing decoded): one over MAX_PIXELS,
+        or all together over ``max_total_pixels``, is refused with 413. Then one image at a time is decoded
+        and at once resized to the input size, so a request holds at most one full-size image."""
         from PIL import Image, UnidentifiedImageError
 
-        images = []
+        bad = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError,
+               EOFError, InvalidInputError)
+        total = 0
         for i, b in enumerate(blobs):
             try:
-                im = Image.open(io.BytesIO(b))
-                if im.width * im.height > MAX_PIXELS:
-                    raise ProtocolError(f"image {i} is too large ({im.width}x{im.height})")
-                im.load()
-            except ProtocolError:
-                raise
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+                with Image.open(io.BytesIO(b)) as im:
+                    w, h = im.size
+            except bad:
                 raise ProtocolError(f"image {i} is not a decodable image file") from None
-            images.append(im)
-        return self.clf.preprocess(images)
+            if w * h > MAX_PIXELS:
+                raise ProtocolError(f"image {i} is too large ({w}x{h}, over {MAX_PIXELS} pixels)", 413)
+            total += w * h
+            if total > max_total_pixels:
+                raise ProtocolError(f"the request's images decode to more than {max_total_pixels} pixels "
+                                    f"(the per-request budget, {max_total_pixels / 1e6:.0f} MPixel): "
+                                    "send fewer or smaller images per request", 413)
+        size = self.clf.input_size
+        rows = np.empty((len(blobs), size, size, 3), np.uint8)
+        for i, b in enumerate(blobs):
+            try:
+                with Image.open(io.BytesIO(b)) as im:
+                    im.load()
+                    rows[i] = to_rgb_uint8(im, size)
+            except bad:
+                raise ProtocolError(f"image {i} is not a decodable image file") from None
+        return self.clf.model_input(rows)
 
     def close(self) -> None:
         self.clf.close()

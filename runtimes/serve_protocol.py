@@ -6,18 +6,23 @@ the body is the JSON object followed by the tensors' bytes in input order, the
 tensor's; BYTES elements are a 4-byte little-endian length followed by the bytes. Outputs are
 binary when ``binary_data`` (per output) or ``binary_data_output`` (per request) asks. The
 classification extension (``"classification": k`` on an output) returns BYTES
-``"<value>:<index>:<label>"``, k per row, highest first.
+``"<value>:<index>:<label>"``, k per row, highest first. BYTES elements in JSON are strings: a string
+that is valid base64 of an image file (PNG, JPEG, GIF, BMP, WEBP, TIFF magic) is that file, any other
+string is its own UTF-8 bytes (Triton's reading). ``Content-Encoding: gzip`` / ``deflate`` bodies are
+inflated up to the body size limit (``inflate``).
 """
 
 from __future__ import annotations
 
 import base64
-import json
+import binascii
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 from edgecnn.errors import InvalidInputError
 
@@ -89,6 +94,9 @@ def encode_bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
 def _flatten_nested(data) -> list:
     out: list = []
 
@@ -102,29 +110,74 @@ def _flatten_nested(data) -> list:
     return out
 
 
+def bytes_element(s: str) -> bytes:
+    """A JSON BYTES element: base64 of an image file -> that file; any other string -> its UTF-8 bytes."""
+    if len(s) >= 8 and len(s) % 4 == 0:
+        try:
+            raw = base64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+        if raw is not None and (raw.startswith(_IMAGE_MAGIC) or (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP")):
+            return raw
+    return s.encode("utf-8", "surrogatepass")
+
+
 def _json_input(spec: dict, name: str, datatype: str, shape: tuple[int, ...]):
     count = math.prod(shape)
     if "data" not in spec:
         raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
-    flat = _flatten_nested(spec["data"]) if isinstance(spec["data"], list) else None
-    if flat is None:
+    data = spec["data"]
+    if not isinstance(data, list):
         raise ProtocolError(f"input {name!r}: 'data' must be a list")
-    if len(flat) != count:
-        raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
     if datatype == "BYTES":
-        out = []
-        for e in flat:
-            if not isinstance(e, str):
-                raise ProtocolError(f"input {name!r}: BYTES elements in JSON must be strings (base64 for images)")
-            try:
-                out.append(base64.b64decode(e, validate=True))
-            except ValueError:
-                raise ProtocolError(f"input {name!r}: a BYTES element is not valid base64") from None
-        return out
+        flat = _flatten_nested(data)
+        if len(flat) != count:
+            raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} elements, 'data' has {len(flat)}")
+        if not all(isinstance(e, str) for e in flat):
+            raise ProtocolError(f"input {name!r}: BYTES elements in JSON must be strings (base64 for images)")
+        return [bytes_element(e) for e in flat]
+    # One numpy conversion of the nested list (no Python loop over the numbers), then type and range checks.
     try:
-        return np.asarray(flat, dtype=NUMPY_OF[datatype]).reshape(shape)
-    except (TypeError, ValueError, OverflowError):
-        raise ProtocolError(f"input {name!r}: 'data' does not hold {datatype} numbers") from None
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise ProtocolError(f"input {name!r}: 'data' is ragged or does not hold {datatype} numbers") from None
+    if arr.size != count:
+        raise ProtocolError(f"input {name!r}: shape {list(shape)} needs {count} elements, 'data' has {arr.size}")
+    want = np.dtype(NUMPY_OF[datatype])
+    kind = arr.dtype.kind
+    if count and not (kind in "biu" or (kind == "f" and want.kind in "fc") or (kind == "b" and want.kind == "b")):
+        raise ProtocolError(f"input {name!r}: 'data' does not hold {datatype} numbers")
+    if want.kind == "b" and count and kind != "b":
+        raise ProtocolError(f"input {name!r}: BOOL data must be true/false")
+    if want.kind in "iu" and count:
+        info = np.iinfo(want)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise ProtocolError(f"input {name!r}: a value is outside the {datatype} range")
+    return arr.astype(want, copy=False).reshape(shape)
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate (zlib or raw) request body -> its bytes; more than ``limit`` bytes -> 413."""
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc not in ("gzip", "x-gzip", "deflate"):
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)", 415)
+    wbits = 32 + zlib.MAX_WBITS if enc != "deflate" or body[:1] in (b"\x78", b"\x08", b"\x18", b"\x28",
+                                                                     b"\x38", b"\x48", b"\x58", b"\x68") else -15
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise ProtocolError(f"the decompressed request body is over the limit of {limit} bytes", 413)
+        out += d.flush()
+    except zlib.error:
+        raise ProtocolError(f"the request body is not valid {enc} data") from None
+    if len(out) > limit:
+        raise ProtocolError(f"the decompressed request body is over the limit of {limit} bytes", 413)
+    if not d.eof:
+        raise ProtocolError(f"the {enc} request body is truncated")
+    return out
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -139,8 +192,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     else:
         json_len = len(body)
     try:
-        req = json.loads(bytes(body[:json_len]))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        req = orjson.loads(body if json_len == len(body) else memoryview(body)[:json_len])
+    except (orjson.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("the request is not a JSON object (binary data needs Inference-Header-Content-Length)") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise ProtocolError("the request needs a non-empty 'inputs' list")
@@ -219,13 +272,13 @@ def encode_infer_response(model_name: str, model_version: str, rid: str | None,
             blobs.append(raw)
         elif o.datatype == "BYTES":
             item["data"] = [b.decode("utf-8", "replace") for b in o.data]
-        else:
-            item["data"] = np.asarray(o.data).ravel().tolist()
+        else:  # orjson writes the numpy array itself (float32 in its shortest exact form)
+            item["data"] = np.ascontiguousarray(o.data).ravel()
         items.append(item)
     resp: dict = {"model_name": model_name, "model_version": model_version, "outputs": items}
     if rid is not None:
         resp["id"] = rid
-    head = json.dumps(resp, separators=(",", ":")).encode()
+    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

@@ -1,0 +1,341 @@
+"""`edgecnn serve` under hostile or careless clients: poisoned rows, floods, bombs, stalls, disconnects, SIGTERM."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import signal
+import socket
+import threading
+import time
+import zlib
+
+import numpy as np
+import psutil
+import pytest
+from edgecnn.runtimes import Classifier
+from PIL import Image
+from test_serve import Server, _batch_stats, _binary_request, _check_answer, _json_infer
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def clf(trained):
+    with Classifier(trained.onnx) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small(trained, tmp_path_factory):
+    """max batch 4, small queue and concurrency limits, 1 s read timeout."""
+    s = Server(trained.onnx, tmp_path_factory.mktemp("hostile") / "small.log", "--max-batch", "4",
+               "--instances", "1", "--max-queue", "16", "--max-concurrency", "16", "--read-timeout-s", "1")
+    yield s
+    rc = s.stop()
+    assert rc == 0, s.log.read_text()
+    assert "Traceback" not in s.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def slow(trained, tmp_path_factory):
+    """A fixed-batch model run row by row (about 2 ms a row here): a big request holds the one instance."""
+    s = Server(trained.onnx, tmp_path_factory.mktemp("hostile") / "slow.log", "--no-relax-batch", "--max-batch", "8",
+               "--instances", "1", "--max-queue", "4096", "--max-body-mb", "32")
+    yield s
+    rc = s.stop()
+    assert rc == 0, s.log.read_text()
+
+
+def _post(server, body: bytes, headers: dict, model: str = "model"):
+    return server.request("POST", f"/v2/models/{model}/infer", body, headers)
+
+
+def _metric(server, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", server.get("/metrics")[1].decode(), re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _blocker(server, rows: int, seed: int, box: dict) -> threading.Thread:
+    """A big request on its own thread; returns once the server holds it (in flight)."""
+    x = np.random.default_rng(seed).standard_normal((rows, 3, 64, 64)).astype(np.float32)
+    box["x"] = x
+    t = threading.Thread(target=lambda: box.update(r=_post(server, *_binary_request(x))), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while _metric(server, "edgecnn_requests_in_flight") < 1 and time.monotonic() < deadline and t.is_alive():
+        time.sleep(0.01)
+    return t
+
+
+def test_a_poisoned_request_fails_alone_and_its_batch_mates_get_correct_logits(slow, clf):
+    rng = np.random.default_rng(11)
+    good = rng.standard_normal((7, 3, 64, 64)).astype(np.float32)
+    want = clf.run(good)
+    poison = np.full((1, 3, 64, 64), 3e38, np.float32)  # finite input, Inf inside the model
+    before = _full_batches(slow)
+    box: dict = {}
+    blocker = _blocker(slow, 128, 12, box)  # its rows hold the one instance
+    barrier = threading.Barrier(8)
+    results: dict = {}
+
+    def client(i: int) -> None:
+        x = poison if i == 7 else good[i : i + 1]
+        barrier.wait(10)
+        results[i] = _post(slow, *_binary_request(x))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads + [blocker]:
+        t.join(60)
+    assert box["r"][0] == 200
+    status, body, _ = results[7]
+    assert status == 422 and "NaN or Inf" in json.loads(body)["error"], body
+    for i in range(7):
+        status, body, _ = results[i]
+        assert status == 200, body
+        _check_answer(body, want[i : i + 1])
+    # 16 calls of 8 rows for the blocker, one more for the eight small requests together (the failed call's
+    # requests are then re-run in halves until the poisoned one is alone)
+    assert _full_batches(slow) - before == 17
+
+
+def _full_batches(server) -> float:
+    """Model calls of more than 4 rows (a server with --max-batch 8)."""
+    text = server.get("/metrics")[1].decode()
+    b = {le: float(v) for le, v in re.findall(r'^edgecnn_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
+    return b["8.0"] - b["4.0"]
+
+
+def test_max_batch_caps_every_model_call_and_a_bigger_request_gets_all_its_rows(small, clf):
+    x = np.random.default_rng(13).standard_normal((10, 3, 64, 64)).astype(np.float32)
+    status, body, _ = _post(small, _json_infer(x), {})
+    assert status == 200, body
+    _check_answer(body, clf.run(x))
+    text = small.get("/metrics")[1].decode()
+    le4 = float(re.search(r'^edgecnn_batch_size_bucket\{le="4.0"\} (\S+)$', text, re.M).group(1))
+    count = float(re.search(r"^edgecnn_batch_size_count (\S+)$", text, re.M).group(1))
+    assert count >= 3 and le4 == count  # no model call above 4 rows
+
+
+def _rss_sampler(pid: int, stop: threading.Event, peak: list) -> threading.Thread:
+    proc = psutil.Process(pid)
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                peak.append(proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_an_image_bomb_request_is_refused_early_with_bounded_memory(small):
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (200, 30, 90)).save(buf, format="PNG", optimize=True)
+    png = buf.getvalue()
+    assert len(png) < 100_000  # a few dozen KB that decode to 16.7 MPixel
+    blobs = [png] * 200
+    raw = b"".join(len(b).to_bytes(4, "little") + b for b in blobs)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [200],
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    stop, peak = threading.Event(), []
+    sampler = _rss_sampler(small.proc.pid, stop, peak)
+    try:
+        status, body, headers = _post(small, head + raw, {"Inference-Header-Content-Length": str(len(head))})
+    finally:
+        stop.set()
+        sampler.join(5)
+    assert status == 413, body
+    assert "MPixel" in json.loads(body)["error"] and headers.get("connection") == "close"
+    assert max(peak) < 1024 * MIB, f"server RSS peaked at {max(peak) / MIB:.0f} MiB"
+    assert small.get("/v2/health/ready")[0] == 200
+
+
+def test_a_flood_gets_only_200_or_503_with_retry_after_and_memory_stays_flat(small):
+    import http.client
+
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    body, headers = _binary_request(x)
+    for _ in range(20):  # warm: allocator pools and thread stacks exist before the baseline
+        assert _post(small, body, headers)[0] == 200
+    rss_before = psutil.Process(small.proc.pid).memory_info().rss
+    seen: dict[int, int] = {}
+    bad: list = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 3.0
+
+    def client() -> None:
+        conn = None
+        n = 0
+        while time.monotonic() < deadline and n < 2000:
+            n += 1
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", small.port, timeout=30)
+                conn.request("POST", "/v2/models/model/infer", body=body, headers=headers)
+                r = conn.getresponse()
+                r.read()
+                with lock:
+                    seen[r.status] = seen.get(r.status, 0) + 1
+                if r.status == 503 and not r.getheader("retry-after", "").isdigit():
+                    bad.append("503 without Retry-After")
+                if r.status not in (200, 503):
+                    bad.append(r.status)
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.01)  # refused at the door (backlog, limit): retry
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not bad, bad[:5]
+    assert seen.get(200, 0) > 0 and set(seen) <= {200, 503}, seen
+    time.sleep(0.5)
+    assert small.get("/v2/health/ready")[0] == 200
+    assert _post(small, body, headers)[0] == 200
+    rss_after = psutil.Process(small.proc.pid).memory_info().rss
+    assert rss_after - rss_before < 50 * MIB, (rss_before / MIB, rss_after / MIB)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """Reads until the server closes the connection; fails if it is still open after ``seconds``."""
+    sock.settimeout(seconds)
+    got = b""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    raise AssertionError(f"the server kept the connection open for {seconds} s (read {got[:80]!r})")
+
+
+def test_idle_and_half_sent_connections_are_closed_after_the_read_timeout(small):
+    silent = socket.create_connection(("127.0.0.1", small.port))
+    partial_headers = socket.create_connection(("127.0.0.1", small.port))
+    partial_headers.sendall(b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nContent-Le")
+    partial_body = socket.create_connection(("127.0.0.1", small.port))
+    partial_body.sendall(b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"in")
+    t0 = time.monotonic()
+    try:
+        assert _closed_within(silent, 6) == b""
+        assert _closed_within(partial_headers, 6) == b""
+        answer = _closed_within(partial_body, 6)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    finally:
+        for s in (silent, partial_headers, partial_body):
+            s.close()
+    assert time.monotonic() - t0 < 8
+    assert small.get("/v2/health/ready")[0] == 200
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_sent_and_the_connection_closes(small):
+    sock = socket.create_connection(("127.0.0.1", small.port))
+    try:
+        sock.sendall(b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+        answer = _closed_within(sock, 5)  # answered from the headers alone, then closed
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower(), answer[:300]
+    assert b"over the limit" in answer
+
+
+def test_a_client_that_leaves_while_queued_has_its_rows_dropped(slow):
+    before_rows, _ = _batch_stats(slow)
+    dropped = _metric(slow, "edgecnn_requests_dropped_total")
+    box: dict = {}
+    blocker = _blocker(slow, 640, 14, box)
+    leaver = socket.create_connection(("127.0.0.1", slow.port))
+    body, headers = _binary_request(np.ones((3, 3, 64, 64), np.float32))
+    head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
+    leaver.sendall(f"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+    time.sleep(0.1)  # read and queued behind the blocker
+    leaver.close()
+    blocker.join(60)
+    assert box["r"][0] == 200
+    deadline = time.monotonic() + 5
+    while _metric(slow, "edgecnn_requests_dropped_total") == dropped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(slow, "edgecnn_requests_dropped_total") == dropped + 1
+    rows, _ = _batch_stats(slow)
+    assert rows - before_rows == 640  # the blocker's rows only: the leaver's 3 never ran
+
+
+def test_protocol_gzip_deflate_405_allow_metadata_and_raw_string_bytes(small, clf):
+    x = np.random.default_rng(15).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    plain = _json_infer(x)
+    for enc, packed in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain))):
+        status, body, _ = _post(small, packed, {"Content-Encoding": enc})
+        assert status == 200, body
+        _check_answer(body, clf.run(x))
+    bomb = gzip.compress(b" " * (40 * MIB))  # 40 KB that inflate past the 16 MiB body limit
+    status, body, _ = _post(small, bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and "decompressed" in json.loads(body)["error"]
+    status, body, headers = small.request("POST", "/v2/models/model")
+    assert status == 405 and headers["allow"] == "GET"
+    status, body, headers = small.request("GET", "/v2/models/model/infer")
+    assert status == 405 and headers["allow"] == "POST"
+    meta = json.loads(small.get("/v2/models/model")[1])
+    assert meta["platform"] == "onnx_onnxv1"
+    params = meta["parameters"]
+    assert all(isinstance(v, (str, int, float, bool)) for v in params.values()), params
+    assert json.loads(params["class_names"]) == list(clf.class_names)
+    assert params["runtime"].startswith("ort-cpu") and params["threads"] >= 1 and params["spinning"] is False
+    # A JSON BYTES string that is not base64 of an image is its own UTF-8 bytes (Triton's reading).
+    req = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["not an image, just text"]}]}
+    status, body, _ = _post(small, json.dumps(req).encode(), {})
+    assert status == 400 and "image 0 is not a decodable image file" in json.loads(body)["error"]
+
+
+def test_sigterm_answers_the_request_in_flight_and_exits_0_despite_stalled_connections(trained, clf, tmp_path):
+    s = Server(trained.onnx, tmp_path / "server.log", "--no-relax-batch", "--instances", "1", "--max-body-mb", "32")
+    idle = socket.create_connection(("127.0.0.1", s.port))
+    half = socket.create_connection(("127.0.0.1", s.port))
+    half.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHo")
+    box: dict = {}
+    try:
+        blocker = _blocker(s, 400, 16, box)  # about 0.4 s or more of model time, row by row
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        ready = []
+        while s.proc.poll() is None and time.monotonic() - t0 < 25:
+            try:
+                ready.append(s.get("/v2/health/ready")[0])
+            except OSError:
+                pass  # the listener is closed: new connections are refused
+            time.sleep(0.05)
+        rc = s.stop(25)
+        elapsed = time.monotonic() - t0
+        blocker.join(30)
+    finally:
+        idle.close()
+        half.close()
+    log = s.log.read_text()
+    assert rc == 0 and elapsed < 20, (rc, elapsed, log)
+    assert 200 not in ready, ready  # never ready again once the signal landed
+    status, body, _ = box["r"]
+    assert status == 200, body
+    _check_answer(body, clf.run(box["x"]))
+    assert "Traceback" not in log, log
+    assert re.search(r"stopped; 1 inference requests accepted, 1 answered", log), log
