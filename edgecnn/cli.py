@@ -389,19 +389,10 @@ def bench(model, runtimes, precisions, batches, threads, min_time, warmup, roofl
 
 
 def _bar(total: int):
-    try:
-        from tqdm.auto import tqdm
+    """bench's bar over its cells: on a terminal only (never bar fragments in a log)."""
+    from .progress import bar
 
-        return tqdm(total=total, desc="bench", unit="cell", file=sys.stderr, leave=False)
-    except ImportError:
-        class _No:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-        return _No()
+    return bar(total=total, desc="bench", unit="cell")
 
 
 # ---------------------------------------------------------------------------------------------- quantize

@@ -150,13 +150,10 @@ def train_to_file(ds: Dataset, cfg: TrainConfig, out: str | os.PathLike, log=Non
 
 
 def _progress(it, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    return tqdm(it, desc=desc, leave=False, unit="batch", file=sys.stderr, dynamic_ncols=True)
+    """A bar over one epoch's batches on a terminal (the per-epoch lines say the rest, in a log too)."""
+    from .progress import bar, on_terminal
+
+    return bar(it, desc=desc, unit="batch", enabled=enabled and on_terminal())
 
 
 def train_command(data, epochs: int, batch_size: int, lr: float, seed: int, per_class: int, val_fraction: float,

@@ -88,9 +88,14 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         raise InvalidInputError(f"{out}: the output would overwrite the input model")
     say = log or (lambda s: None)
 
+    from edgecnn.progress import Stages
+
     from .passes import optimize
 
+    stages = Stages(["reading the images", "fp32 logits", "calibrating and writing" if precision == "int8"
+                     else "converting", f"{precision} logits", "accuracy report"], f"quantize {precision}", say)
     passes = [p for p in optimize(proto) if p.count]
+    stages.step("reading the images")
     data = quant_data(calib, meta, calib_samples if precision == "int8" else 1, heldout=heldout)
     where = "the built-in set" if str(calib) == "builtin" else str(calib)
     method = calib_method or "minmax"
@@ -100,6 +105,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
         from edgecnn.quant_report import accuracy_report, file_size, logits
 
         batches = data.inputs.batches
+        stages.step("fp32 logits")
         ref = logits("ort-cpu", src, batches)
         notes: list[str] = list(data.notes)
         if data.labels is None:
@@ -120,10 +126,12 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
             notes.append(f"fp16 is for GPUs/NPUs (ort-cuda, ort-trt, OpenVINO GPU); on {runtime} on a CPU it "
                          "is not faster than fp32 (the CPU computes it through fp32 or casts)")
         with _atomic_outputs(out) as tmp:
-            say(f"{precision} ({backend}): calibrating and writing {out.name}" if precision == "int8"
-                else f"fp16 ({backend}): converting {out.name}")
+            stages.step(f"calibrating on {len(data.calib)} images and writing {out.name}" if precision == "int8"
+                        else f"converting {out.name}")
             writer(src, tmp, data.calib, method, meta)
+            stages.step(f"{precision} logits on {runtime}")
             q = logits(runtime, tmp, batches)
+            stages.step("accuracy report")
             from edgecnn.runtimes.artifact import describe
 
             graph_precision = describe(tmp).precision  # the judge's row: what the graph computes in
@@ -131,6 +139,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
             rep = accuracy_report(ref, q, data, backend=backend, precision=graph_precision, runtime=runtime,
                                   size_fp32=file_size(model), size_quant=file_size(tmp), max_drop=max_drop,
                                   calibration=calibration, class_names=names)
+            stages.close()
             if not rep.passed:
                 err = ParityError(f"accuracy gate: {rep.reason}; {out} was not written")
                 err.report = rep
