@@ -9,6 +9,7 @@ served model), ``serve_batcher`` (the dynamic batcher), ``serve_protocol`` (v2 r
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -133,7 +134,8 @@ def _unavailable_with_retry_after() -> None:
 
 
 class _QuietCancel(logging.Filter):
-    """Drops uvicorn's tracebacks of tasks it cancelled itself after the graceful shutdown timeout."""
+    """Log records on one line: no traceback (the exception's type name instead; EDGECNN_DEBUG=1 keeps the
+    batcher's), and none for tasks uvicorn cancelled itself after the graceful shutdown timeout."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], BaseException):
@@ -195,7 +197,8 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     server = Server(config)
     holder["server"] = server
     quiet = _QuietCancel()
-    for name in ("uvicorn.error", "uvicorn"):
+    loggers = ("uvicorn.error", "uvicorn") + (() if os.environ.get("EDGECNN_DEBUG") else ("edgecnn.serve",))
+    for name in loggers:
         logging.getLogger(name).addFilter(quiet)
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes that
     # a clean return (exit 0) instead of death by SIGTERM.
@@ -212,7 +215,7 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
-        for name in ("uvicorn.error", "uvicorn"):
+        for name in loggers:
             logging.getLogger(name).removeFilter(quiet)
     m = app.metrics
     counts = {"accepted": m.accepted, "answered": m.answered, "dropped": m.gone, "died": app.fatal is not None}

@@ -339,3 +339,52 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0_despite_stalled_conne
     _check_answer(body, clf.run(box["x"]))
     assert "Traceback" not in log, log
     assert re.search(r"stopped; 1 inference requests accepted, 1 answered", log), log
+
+
+_DIE = """
+import sys
+sys.modules["torch"] = None
+from edgecnn.runtimes.serve import ServeConfig, ServedModel, serve
+
+def boom(x):
+    raise SystemExit("simulated failure inside the batcher")
+
+m = ServedModel(sys.argv[1])
+m.clf.run = boom  # a non-Exception from the model call kills the batcher (a bug, not a bad request)
+sys.exit(1 if serve(m, ServeConfig(port=0))["died"] else 0)
+"""
+
+
+def test_a_dead_batcher_answers_503_and_the_process_exits_1(trained, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "die.py"
+    script.write_text(_DIE)
+    log = tmp_path / "die.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(script), str(trained.onnx)], stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            port = None
+            while port is None and time.monotonic() < deadline and proc.poll() is None:
+                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())
+                port = int(m.group(1)) if m else None
+                time.sleep(0.1)
+            assert port, log.read_text()
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            body, headers = _binary_request(np.zeros((1, 3, 64, 64), np.float32))
+            conn.request("POST", "/v2/models/model/infer", body=body, headers=headers)
+            r = conn.getresponse()
+            assert r.status == 503 and "restarted" in json.loads(r.read())["error"]
+            conn.close()
+            rc = proc.wait(20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    text = log.read_text()
+    assert rc == 1, text
+    assert "batcher died" in text and "Traceback" not in text, text
