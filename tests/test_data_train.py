@@ -48,7 +48,7 @@ def test_image_folder_reads_any_size_and_mode(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(InvalidInputError, match="does not exist"):
+    with pytest.raises(InvalidInputError, match="no such file or folder"):
         image_folder(tmp_path / "nope")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
