@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -75,11 +76,13 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
 
     if not paths:
         return
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines would bury edgecnn's own summary
+    # Ray's INFO lines, and its start-up WARNING about token authentication (a local instance edgecnn starts
+    # and stops itself), would bury edgecnn's own summary: a successful run prints edgecnn's lines only.
+    logging.getLogger("ray").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     started = False
     if not ray.is_initialized():
-        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
         try:
             if opts.ray_address:
                 ray.init(address=opts.ray_address, **kwargs)
@@ -99,12 +102,17 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
         # "file": absolute, since an actor's working folder is not the driver's
         ds = ray.data.from_items([{"path": p, "file": os.path.abspath(p)} for p in paths],
                                  override_num_blocks=max(1, min(len(paths) // opts.batch_size, 4 * actors)))
-        ds = ds.map_batches(RayPredictor, batch_size=opts.batch_size, num_cpus=1,
-                            compute=ray.data.ActorPoolStrategy(size=actors),
-                            batch_format="numpy",
-                            fn_constructor_kwargs={"model": model, "runtime": opts.runtime,
-                                                   "options": runtime_options, "top_k": opts.top_k,
-                                                   "fast_jpeg": opts.fast_jpeg})
+        with warnings.catch_warnings():  # max_restarts is only taken through the (deprecated) remote args
+            warnings.simplefilter("ignore")
+            ds = ds.map_batches(
+                RayPredictor, batch_size=opts.batch_size, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                batch_format="numpy",
+                # no restarts: with restarts allowed, Ray logs an error-level core_worker line on every
+                # successful run (the actors' constructor arguments sit in the object store); a failed actor
+                # fails the run instead, and --resume continues the output table
+                max_restarts=0,
+                fn_constructor_kwargs={"model": model, "runtime": opts.runtime, "options": runtime_options,
+                                       "top_k": opts.top_k, "fast_jpeg": opts.fast_jpeg})
         cols = columns(opts.top_k)
         for batch in ds.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
             yield _rows(batch, cols)

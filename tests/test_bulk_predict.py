@@ -307,3 +307,20 @@ def test_fast_jpeg_decodes_at_reduced_scale_close_to_the_exact_path(tmp_path):
     assert np.abs(exact - fast).mean() < 2.0  # and lands close to the exact pixels
     png = tmp_path / "big.png"  # draft mode is JPEG only: other formats take the exact path
     assert np.array_equal(to_rgb_uint8(png, 64), to_rgb_uint8(png, 64, fast_jpeg=True))
+
+
+def test_a_successful_ray_run_prints_only_edgecnns_own_lines(trained, tmp_path):
+    """Its own local Ray instance, started and stopped by the engine: no token warning, no core_worker line."""
+    pytest.importorskip("ray")
+    root = tmp_path / "imgs"
+    root.mkdir()
+    from edgecnn.data import synthetic_dataset
+
+    for i, img in enumerate(synthetic_dataset(2, seed=9).images):
+        Image.fromarray(img).save(root / f"{i}.png")
+    r = subprocess.run([sys.executable, "-m", "edgecnn.cli", "predict", str(trained.onnx_dynamic), str(root),
+                        "--engine", "ray", "--workers", "1", "-o", str(tmp_path / "o.csv")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("edgecnn:") for ln in lines), r.stderr
