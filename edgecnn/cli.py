@@ -462,22 +462,17 @@ def tune(model, output, max_drop, calib, runtimes, threads, batch, objective, in
     """Try runtimes x precisions x threads x options; keep those passing the accuracy gate; write the fastest
     as deploy.json (load it with Classifier("deploy.json") or `edgecnn bench deploy.json`)."""
     from .report import table
+    from .tune import final_line
+    from .tune import table as tune_table
     from .tune import tune as do_tune
 
     cfg, cands = do_tune(model, output, max_drop=max_drop, calib=calib, threads=threads, batch=batch,
                          objective=objective, min_time=min_time, runtimes=runtimes, int8=int8,
                          log=lambda s: click.echo(s, err=True))
-    rows = [[c.runtime, c.precision if c.run_precision in ("fp32", c.precision) else f"{c.precision}+{c.run_precision}",
-             c.threads or "auto", ",".join(f"{k}={v}" for k, v in c.options.items()),
-             "pass" if c.gate == "pass" else c.gate[:50],
-             f"{c.accuracy * 100:.2f}%" if c.accuracy is not None else "-",
-             f"{c.throughput:,.0f}" if c.throughput else "-", f"{c.p50_ms:.3f}" if c.p50_ms else "-"]
-            for c in sorted(cands, key=lambda c: -(c.throughput or 0))]
-    click.echo(table(["runtime", "precision", "threads", "options", "gate", "accuracy", f"img/s b{batch}",
-                      "p50 ms b1"], rows))
+    click.echo(table(*tune_table(cands, batch)))
+    click.echo("* the winner: deploy.json's configuration, re-timed alone in a fresh process")
     where = Path(output) if output else Path(model).with_name(Path(model).stem + ".tuned")
-    click.echo(f"fastest passing ({objective}): {cfg['runtime']} {cfg['label_precision']} threads="
-               f"{cfg['threads'] or 'auto'} {cfg['options'] or ''} -> {where / 'deploy.json'}")
+    click.echo(final_line(cfg, where / "deploy.json"))
 
 
 # ---------------------------------------------------------------------------------------------- predict

@@ -101,3 +101,66 @@ def test_deploy_config_cannot_point_outside_its_folder(tmp_path, trained):
         {"format": "edgecnn-deploy/1", "runtime": "ort-cpu", "model": str(trained.onnx)}))
     with pytest.raises(InvalidInputError, match="leaves the config's folder"):
         Classifier(tmp_path / "d" / "deploy.json")
+
+
+def _tune_in_process(trained, out, monkeypatch, fail_batch=None):
+    """`edgecnn tune` in this process (so the fresh-process re-timing can be faked); returns the result."""
+    from click.testing import CliRunner
+
+    import edgecnn.sweep as sweep
+    from edgecnn.cli import cli as edgecnn_cli
+
+    real = sweep.run_config
+
+    def run_config(cfg, batches, *a, **kw):  # the real child, but batch ``fail_batch`` comes back failed
+        rows = real(cfg, batches, *a, **kw)
+        return [{"failed": True, "batch": r["batch"], "error": "fake: out of memory"}
+                if r["batch"] == fail_batch else r for r in rows]
+
+    monkeypatch.setattr(sweep, "run_config", run_config)
+    return CliRunner().invoke(edgecnn_cli, ["tune", str(trained.onnx), "--runtime", "ort-cpu", "--threads", "1",
+                                            "--min-time", "0.05", "--batch", "8", "-o", str(out)])
+
+
+def _winner_row(stdout: str) -> list[str]:
+    rows = [ln.split() for ln in stdout.splitlines() if ln.startswith("*  ")]
+    assert len(rows) == 1, stdout
+    return rows[0]
+
+
+def test_tune_prints_what_deploy_json_records(trained, tmp_path, monkeypatch):
+    r = _tune_in_process(trained, tmp_path / "t", monkeypatch)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "t" / "deploy.json").read_text())
+    m = cfg["measured"]
+    assert m["sources"] == {"throughput": "re-timed in a fresh process", "p50_ms_batch1": "re-timed in a fresh process"}
+    label = cfg["label_precision"] + ("" if cfg["precision"] in ("fp32", cfg["label_precision"]) else f"+{cfg['precision']}")
+    row = _winner_row(r.stdout)
+    # * runtime precision threads [options] gate accuracy img/s re-timed-img/s p50 re-timed-p50
+    assert row[1:3] == [cfg["runtime"], label]
+    assert row[-4] == f"{m['screening']['throughput']:,.0f}" and row[-3] == f"{m['throughput']:,.0f}"
+    assert row[-1] == f"{m['p50_ms_batch1']:.3f}"
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"fastest passing (throughput): {cfg['runtime']} {label} threads=1")
+    assert f"{m['throughput']:,.0f} img/s @b8 (re-timed in a fresh process)" in last
+    assert "{" not in last and "}" not in last
+
+
+def test_tune_keeps_the_winner_when_its_retiming_fails_on_one_batch(trained, tmp_path, monkeypatch):
+    r = _tune_in_process(trained, tmp_path / "t", monkeypatch, fail_batch=8)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "t" / "deploy.json").read_text())
+    m = cfg["measured"]
+    passing = [c for c in cfg["candidates"] if c["gate"] == "pass"]
+    best = max(passing, key=lambda c: c["throughput"])
+    assert [c for c in cfg["candidates"] if c["winner"]] == [best]
+    assert (cfg["runtime"], cfg["label_precision"]) == (best["runtime"], best["precision"])
+    assert "fake: out of memory" in m["retime_error"] and "fake: out of memory" in best["retime_error"]
+    assert m["throughput"] == best["throughput"] and m["sources"]["throughput"] == "screening"
+    assert "re-timing failed" in m["how"]
+    assert m["sources"]["p50_ms_batch1"] == "re-timed in a fresh process" and m["p50_ms_batch1"] > 0
+    row = _winner_row(r.stdout)
+    assert row[-3] == "failed" and row[-4] == f"{m['throughput']:,.0f}"
+    last = r.stdout.strip().splitlines()[-1]
+    assert f"{m['throughput']:,.0f} img/s @b8 (screening)" in last
+    assert "(re-timed in a fresh process)" in last  # the p50, which was re-timed
