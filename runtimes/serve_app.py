@@ -13,7 +13,6 @@ import orjson
 
 from edgecnn.errors import InvalidInputError, MissingDependencyError
 
-from .preprocess import softmax
 from .serve_batcher import (
     Batcher,
     BatcherDeadError,
@@ -23,15 +22,7 @@ from .serve_batcher import (
     ShuttingDownError,
 )
 from .serve_model import IMAGES_INPUT, MODEL_VERSION, ServedModel
-from .serve_protocol import (
-    OutputTensor,
-    ProtocolError,
-    RequestedOutput,
-    classification,
-    encode_infer_response,
-    inflate,
-    parse_infer_request,
-)
+from .serve_protocol import OutputTensor, ProtocolError, encode_infer_response, inflate, parse_infer_request
 
 log = logging.getLogger("edgecnn.serve")
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -108,6 +99,21 @@ class Metrics:
         self.shed = pc.Counter("edgecnn_requests_shed", "Requests refused with 503 because the server was busy",
                                registry=r)
         self.accepted = self.answered = self.gone = 0
+        self._children: dict[tuple[str, int], list] = {}
+
+    def count(self, endpoint: str, status: int) -> None:
+        """One answered request (the labelled counters are looked up once per endpoint and status)."""
+        key = (endpoint, status)
+        counters = self._children.get(key)
+        if counters is None:
+            counters = [self.requests.labels(endpoint, str(status))]
+            if status >= 400:
+                counters.append(self.errors.labels(str(status)))
+            if status == 503 and endpoint == "infer":
+                counters.append(self.shed)
+            self._children[key] = counters
+        for c in counters:
+            c.inc()
 
     def render(self) -> tuple[bytes, str]:
         return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
@@ -152,11 +158,7 @@ class App:
                 status, msg, headers = error_answer(e)
                 body = orjson.dumps({"error": msg})
             endpoint = scope.get("edgecnn.endpoint", "other")
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            if status >= 400:
-                self.metrics.errors.labels(str(status)).inc()
-                if status == 503 and endpoint == "infer":
-                    self.metrics.shed.inc()
+            self.metrics.count(endpoint, status)
             ctype = headers.pop("content-type", _JSON)
             raw = [(b"content-type", ctype), (b"content-length", b"%d" % len(body))]
             if headers:
@@ -376,50 +378,12 @@ class App:
             watcher.cancel()
 
     async def _model_input(self, req) -> np.ndarray:
-        if len(req.inputs) != 1:
-            raise ProtocolError(f"give exactly one input ({self.model.input_name!r} or {IMAGES_INPUT!r}), "
-                                f"got {len(req.inputs)}")
-        t = req.inputs[0]
-        m = self.model
+        t = self.model.the_input(req)
         if t.name == IMAGES_INPUT:
-            if t.datatype != "BYTES":
-                raise ProtocolError(f"input {IMAGES_INPUT!r} must be BYTES (encoded image files), got {t.datatype}")
-            if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)) or t.shape[0] < 1:
-                raise ProtocolError(f"input {IMAGES_INPUT!r} must have shape [N] or [N,1] with N >= 1, "
-                                    f"got {list(t.shape)}")
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._decode_pool, m.decode_images, t.data, self.cfg.max_request_pixels)
-        if t.name != m.input_name:
-            raise ProtocolError(f"unknown input {t.name!r}; this model takes {m.input_name!r} "
-                                f"({m.input_datatype} {[-1, *m.input_dims]}) or {IMAGES_INPUT!r} (BYTES)")
-        if t.datatype != m.input_datatype:
-            raise ProtocolError(f"input {t.name!r} must be {m.input_datatype}, got {t.datatype}")
-        if len(t.shape) != 4 or tuple(t.shape[1:]) != m.input_dims or t.shape[0] < 1:
-            raise ProtocolError(f"input {t.name!r} must have shape [N, {', '.join(map(str, m.input_dims))}] "
-                                f"with N >= 1, got {list(t.shape)}")
-        x = t.data
-        if x.dtype == np.float32 and not np.isfinite(x).all():
-            raise ProtocolError(f"input {t.name!r} contains NaN or Inf")
-        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+            return await loop.run_in_executor(self._decode_pool, self.model.decode_images, t.data,
+                                              self.cfg.max_request_pixels)
+        return self.model.tensor_input(t)
 
     def _outputs(self, req, logits: np.ndarray) -> list[OutputTensor]:
-        m = self.model
-        wanted = req.outputs
-        if wanted is None:
-            wanted = [RequestedOutput(o, req.binary_default) for o in m.outputs]
-        out = []
-        probs = None
-        for w in wanted:  # names were checked before the model ran
-            if w.name == "probabilities" and not m.clf.embedded_softmax:
-                if probs is None:
-                    probs = softmax(logits.astype(np.float32))
-                values = probs
-            else:
-                values = logits
-            if w.classification:
-                labels = classification(values, w.classification, m.clf.class_names)
-                k = len(labels) // values.shape[0]
-                out.append(OutputTensor(w.name, "BYTES", (values.shape[0], k), labels, w.binary))
-            else:
-                out.append(OutputTensor(w.name, "FP32", tuple(values.shape), values, w.binary))
-        return out
+        return self.model.output_tensors(req, logits)

@@ -13,8 +13,8 @@ import numpy as np
 from edgecnn.errors import InvalidInputError, InvalidModelError
 
 from .classifier import Classifier
-from .preprocess import MAX_PIXELS, to_rgb_uint8
-from .serve_protocol import ProtocolError
+from .preprocess import MAX_PIXELS, softmax, to_rgb_uint8
+from .serve_protocol import InputTensor, OutputTensor, ProtocolError, RequestedOutput, classification
 
 IMAGES_INPUT = "images"
 MODEL_VERSION = "1"
@@ -142,6 +142,59 @@ class ServedModel:
             except bad:
                 raise ProtocolError(f"image {i} is not a decodable image file") from None
         return self.clf.model_input(rows)
+
+    def the_input(self, req) -> InputTensor:
+        """The request's one input, checked by name, datatype and shape (an images tensor: BYTES [N] or [N,1])."""
+        if len(req.inputs) != 1:
+            raise ProtocolError(f"give exactly one input ({self.input_name!r} or {IMAGES_INPUT!r}), "
+                                f"got {len(req.inputs)}")
+        t = req.inputs[0]
+        if t.name == IMAGES_INPUT:
+            if t.datatype != "BYTES":
+                raise ProtocolError(f"input {IMAGES_INPUT!r} must be BYTES (encoded image files), got {t.datatype}")
+            if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)) or t.shape[0] < 1:
+                raise ProtocolError(f"input {IMAGES_INPUT!r} must have shape [N] or [N,1] with N >= 1, "
+                                    f"got {list(t.shape)}")
+            return t
+        if t.name != self.input_name:
+            raise ProtocolError(f"unknown input {t.name!r}; this model takes {self.input_name!r} "
+                                f"({self.input_datatype} {[-1, *self.input_dims]}) or {IMAGES_INPUT!r} (BYTES)")
+        if t.datatype != self.input_datatype:
+            raise ProtocolError(f"input {t.name!r} must be {self.input_datatype}, got {t.datatype}")
+        if len(t.shape) != 4 or tuple(t.shape[1:]) != self.input_dims or t.shape[0] < 1:
+            raise ProtocolError(f"input {t.name!r} must have shape [N, {', '.join(map(str, self.input_dims))}] "
+                                f"with N >= 1, got {list(t.shape)}")
+        return t
+
+    @staticmethod
+    def tensor_input(t: InputTensor) -> np.ndarray:
+        """The model's own tensor (checked by ``the_input``) -> the batch to run; NaN/Inf refused."""
+        x = t.data
+        if x.dtype == np.float32 and not np.isfinite(x).all():
+            raise ProtocolError(f"input {t.name!r} contains NaN or Inf")
+        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+
+    def output_tensors(self, req, logits: np.ndarray) -> list[OutputTensor]:
+        """The requested outputs (names already checked) of one request's logits."""
+        wanted = req.outputs
+        if wanted is None:
+            wanted = [RequestedOutput(o, req.binary_default) for o in self.outputs]
+        out = []
+        probs = None
+        for w in wanted:
+            if w.name == "probabilities" and not self.clf.embedded_softmax:
+                if probs is None:
+                    probs = softmax(logits.astype(np.float32))
+                values = probs
+            else:
+                values = logits
+            if w.classification:
+                labels = classification(values, w.classification, self.clf.class_names)
+                k = len(labels) // values.shape[0]
+                out.append(OutputTensor(w.name, "BYTES", (values.shape[0], k), labels, w.binary))
+            else:
+                out.append(OutputTensor(w.name, "FP32", tuple(values.shape), values, w.binary))
+        return out
 
     def close(self) -> None:
         self.clf.close()
