@@ -92,10 +92,9 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
     from .passes import optimize
 
-    stages = Stages(["reading the images", "fp32 logits", "calibrating and writing" if precision == "int8"
+    stages = Stages(["fp32 logits", "calibrating and writing" if precision == "int8"
                      else "converting", f"{precision} logits", "accuracy report"], f"quantize {precision}", say)
     passes = [p for p in optimize(proto) if p.count]
-    stages.step("reading the images")
     data = quant_data(calib, meta, calib_samples if precision == "int8" else 1, heldout=heldout)
     where = "the built-in set" if str(calib) == "builtin" else str(calib)
     method = calib_method or "minmax"

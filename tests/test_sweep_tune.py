@@ -99,7 +99,7 @@ def test_deploy_config_cannot_point_outside_its_folder(tmp_path, trained):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "deploy.json").write_text(json.dumps(
         {"format": "edgecnn-deploy/1", "runtime": "ort-cpu", "model": str(trained.onnx)}))
-    with pytest.raises(InvalidInputError, match="leaves the config's folder"):
+    with pytest.raises(InvalidInputError, match="leaves the folder"):
         Classifier(tmp_path / "d" / "deploy.json")
 
 
