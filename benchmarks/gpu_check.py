@@ -18,7 +18,11 @@ With CUDA it writes benchmarks/results/gpu_<card>.md (and raw JSON into --out-di
 ``--require cuda`` (``trt``, or ``cuda,trt``) makes a runtime mandatory: the exit code is 3 when it
 did not run (no GPU visible, or a GPU is visible but its parity row or every timed row was skipped
 or failed to load), so a lent machine cannot pass the check by skipping everything. Exit 1: a parity
-FAIL. fp32 rows run with NVIDIA_TF32_OVERRIDE=0 (set here before anything touches CUDA).
+FAIL, or a timed cell whose configuration has no parity row ("not judged"). Every configuration that
+is timed (runtime, precision and options: fp16, IO binding and CUDA graphs included) is first judged
+against PyTorch on the CPU under the tolerance table's row for its precision, and the timing table
+shows that verdict beside each cell. fp32 rows run with NVIDIA_TF32_OVERRIDE=0 (set here before
+anything touches CUDA).
 """
 
 from __future__ import annotations
@@ -49,6 +53,62 @@ def _bootstrap() -> None:
 
 
 REQUIRE = {"cuda": "ort-cuda", "trt": "ort-trt"}
+
+# Every ONNX Runtime configuration the benchmark times: (runtime, precision, options, label). Each one
+# is judged (its own parity row) before any of them is timed; CUDA-graph cells run batch 1 only.
+ORT_CELLS: list[tuple[str, str, dict, str]] = [
+    ("ort-cuda", "fp32", {}, "ort-cuda fp32 (host in/out)"),
+    ("ort-cuda", "fp32", {"io_binding": True}, "ort-cuda fp32 io-binding (on device)"),
+    ("ort-cuda", "fp32", {"cuda_graph": True}, "ort-cuda fp32 CUDA graph (host in/out)"),
+    ("ort-cuda", "fp32", {"cuda_graph": True, "io_binding": True}, "ort-cuda fp32 CUDA graph (on device)"),
+    ("ort-cuda", "fp16", {"io_binding": True}, "ort-cuda fp16 io-binding (on device)"),
+    ("ort-trt", "fp32", {"io_binding": True}, "ort-trt fp32 io-binding (on device)"),
+    ("ort-trt", "fp16", {"io_binding": True}, "ort-trt fp16 io-binding (on device)"),
+]
+# PyTorch eager on the card: label -> the precision it computes in (judged by _torch_cuda_row).
+TORCH_CELLS: dict[str, str] = {
+    "torch eager fp32 (host in/out)": "fp32",
+    "torch eager fp32 (on device)": "fp32",
+    "torch eager fp16 (on device)": "fp16",
+}
+TORCH_DEVICE = "cuda"  # where _torch_cuda_row runs the model (a test runs it on the CPU)
+TRT_PROFILE = {"trt_profile_min_shapes": "input:1x3x64x64", "trt_profile_opt_shapes": "input:256x3x64x64",
+               "trt_profile_max_shapes": "input:1024x3x64x64"}
+
+
+def _opts_text(opts: dict) -> str:
+    return ", ".join(k.replace("_", "-") for k, v in opts.items() if v is True) or "default options"
+
+
+def cell_key(label: str) -> tuple[str, str, str] | None:
+    """(runtime, precision, options) of a timed cell's label; None for a label no table knows."""
+    for name, prec, opts, lab in ORT_CELLS:
+        if lab == label:
+            return name, prec, _opts_text(opts)
+    if label in TORCH_CELLS:
+        return "torch-cuda", TORCH_CELLS[label], _opts_text({})
+    return None
+
+
+def row_key(row) -> tuple[str, str, str]:
+    """The same key for a parity row (its options are kept in ``row.options_text``)."""
+    return row.runtime, row.precision, getattr(row, "options_text", _opts_text({}))
+
+
+def judged_bench(bench: list[list], parity: list) -> tuple[list[list], list[str]]:
+    """``bench`` with a parity column (the verdict of the row that judged the same configuration), and
+    the labels of timed cells that nothing judged."""
+    verdicts = {row_key(r): r.status for r in parity}
+    out, unjudged = [], []
+    for r in bench:
+        key = cell_key(str(r[0]))
+        verdict = verdicts.get(key) if key else None
+        if verdict is None:
+            verdict = "not judged"
+            if r[2] != "-":  # a cell with numbers but no verdict: the check is incomplete
+                unjudged.append(str(r[0]))
+        out.append([*r[:-1], verdict, r[-1]])
+    return out, unjudged
 
 
 def _timeit(fn, min_time: float, warmup: int, sync=None) -> dict:
@@ -104,39 +164,49 @@ def _model(args, work: Path) -> tuple[Path, Path, Path]:
     return pt, Path(fixed), Path(dyn)
 
 
-def _parity(pt: Path, dyn: Path, cuda: bool, work: Path) -> list:
+def _parity(pt: Path, fixed: Path, dyn: Path, cuda: bool, work: Path) -> list:
+    """ort-cpu fp32 as a sanity row, then one row per timed configuration (ORT_CELLS: each with its own
+    precision and options, on the model file it is timed on) and PyTorch on the card in fp32 and fp16."""
     from edgecnn.checkpoint import load_checkpoint
     from edgecnn.verify import judge, make_inputs
 
     ckpt = load_checkpoint(pt)
     inputs = make_inputs(ckpt.mean, ckpt.std, ckpt.class_names)  # the judge's default inputs, shared
-    trt = {"cache_dir": str(work / "trt-cache"),
-           "trt_options": {"trt_profile_min_shapes": "input:1x3x64x64",
-                           "trt_profile_opt_shapes": "input:256x3x64x64",
-                           "trt_profile_max_shapes": "input:1024x3x64x64"}}
     rows = judge(dyn, ckpt, runtimes=["ort-cpu"], precision="fp32", inputs=inputs).rows
-    rows += judge(dyn, ckpt, runtimes=["ort-cuda"], inputs=inputs).rows
-    rows += judge(dyn, ckpt, runtimes=["ort-trt"], inputs=inputs, options=trt).rows
+    for name, prec, opts, _label in ORT_CELLS:
+        own = dict(opts)
+        if name == "ort-trt":
+            own.update(cache_dir=str(work / "trt-cache"), trt_options=dict(TRT_PROFILE))
+        model = fixed if opts.get("cuda_graph") else dyn  # a CUDA graph is captured for one fixed shape
+        for r in judge(model, ckpt, runtimes=[name], precision=prec, options=own, inputs=inputs).rows:
+            r.options_text = _opts_text(opts)
+            r.note = f"{r.options_text}{'; ' + r.note if r.note else ''}"
+            rows.append(r)
     if cuda:
-        rows.append(_torch_cuda_row(ckpt, inputs))
+        rows += [_torch_cuda_row(ckpt, inputs, p) for p in sorted(set(TORCH_CELLS.values()))]
     return rows
 
 
-def _torch_cuda_row(ckpt, inputs):
-    """PyTorch eager on the card, fp32 with TF32 off, against PyTorch on the CPU."""
+def _torch_cuda_row(ckpt, inputs, precision: str = "fp32"):
+    """PyTorch eager on the card (TORCH_DEVICE), fp32 with TF32 off or fp16 (weights and inputs halved),
+    against PyTorch on the CPU in fp32, under the tolerance table's row for that precision."""
     import torch
 
-    from edgecnn.verify import TOLERANCES, VerifyRow, compare, reference_logits
+    from edgecnn.verify import VerifyRow, compare, reference_logits, tolerance_for
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     refs = reference_logits(ckpt, inputs.batches)
-    net = ckpt.build_model().cuda()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    net = ckpt.build_model().to(TORCH_DEVICE, dtype).eval()
     with torch.inference_mode():
-        outs = {k: net(torch.from_numpy(v).cuda()).cpu().numpy() for k, v in inputs.batches.items()}
-    full = compare(refs, outs, TOLERANCES["fp32"], inputs.labels, inputs.class_names)
-    return VerifyRow("torch-cuda", "fp32", "cuda:0", "pass" if full.passed else "FAIL", full,
-                     "" if full.passed else full.reason)
+        outs = {k: net(torch.from_numpy(v).to(TORCH_DEVICE, dtype)).float().cpu().numpy()
+                for k, v in inputs.batches.items()}
+    full = compare(refs, outs, tolerance_for(precision), inputs.labels, inputs.class_names)
+    row = VerifyRow("torch-cuda", precision, f"{TORCH_DEVICE}:0" if TORCH_DEVICE == "cuda" else TORCH_DEVICE,
+                    "pass" if full.passed else "FAIL", full, "" if full.passed else full.reason)
+    row.options_text = _opts_text({})
+    return row
 
 
 def _bench(pt: Path, fixed: Path, dyn: Path, args, work: Path) -> list[list]:
@@ -174,15 +244,7 @@ def _bench(pt: Path, fixed: Path, dyn: Path, args, work: Path) -> list[list]:
     def ort_cells(batch: int) -> None:
         x_host = rng.standard_normal((batch, 3, 64, 64)).astype(np.float32)
         model = fixed if batch == 1 else dyn  # TensorRT always gets the dynamic model and one profile (cached)
-        for name, prec, opts, label in [
-            ("ort-cuda", "fp32", {}, "ort-cuda fp32 (host in/out)"),
-            ("ort-cuda", "fp32", {"io_binding": True}, "ort-cuda fp32 io-binding (on device)"),
-            ("ort-cuda", "fp32", {"cuda_graph": True}, "ort-cuda fp32 CUDA graph (host in/out)"),
-            ("ort-cuda", "fp32", {"cuda_graph": True, "io_binding": True}, "ort-cuda fp32 CUDA graph (on device)"),
-            ("ort-cuda", "fp16", {"io_binding": True}, "ort-cuda fp16 io-binding (on device)"),
-            ("ort-trt", "fp32", {"io_binding": True}, "ort-trt fp32 io-binding (on device)"),
-            ("ort-trt", "fp16", {"io_binding": True}, "ort-trt fp16 io-binding (on device)"),
-        ]:
+        for name, prec, opts, label in ORT_CELLS:
             if opts.get("cuda_graph") and batch != 1:
                 continue
             ok, why = get_runtime_class(name).available()
@@ -190,9 +252,7 @@ def _bench(pt: Path, fixed: Path, dyn: Path, args, work: Path) -> list[list]:
                 rows.append([label, batch, "-", "-", "-", 0, f"skipped: {why}"])
                 continue
             if name == "ort-trt":
-                opts = {**opts, "cache_dir": str(work / "trt-cache"), "trt_options": {
-                    "trt_profile_min_shapes": "input:1x3x64x64", "trt_profile_opt_shapes": "input:256x3x64x64",
-                    "trt_profile_max_shapes": "input:1024x3x64x64"}}
+                opts = {**opts, "cache_dir": str(work / "trt-cache"), "trt_options": dict(TRT_PROFILE)}
             try:
                 rt = load_runtime(name, dyn if name == "ort-trt" else model, precision=prec, **opts)
             except Exception as e:  # noqa: BLE001
@@ -261,14 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
         work = Path(tmp)
         pt, fixed, dyn = _model(args, work)
-        rows = _parity(pt, dyn, cuda, work)
+        rows = _parity(pt, fixed, dyn, cuda, work)
         matrix = verify_table(rows)
-        print("\nparity against PyTorch (CPU, fp32):\n" + matrix, flush=True)
+        print("\nparity against PyTorch (CPU, fp32), one row per timed configuration:\n" + matrix, flush=True)
         bench = _bench(pt, fixed, dyn, args, work) if cuda else []
-    heads = ["what", "batch", "p50 ms", "p99 ms", "img/s", "iters", "note"]
+    heads = ["what", "batch", "p50 ms", "p99 ms", "img/s", "iters", "parity", "note"]
+    bench, unjudged = judged_bench(bench, rows)
     if bench:
-        print("\nlatency and throughput:\n" + table(heads, bench))
+        print("\nlatency and throughput (parity: the verdict of the row above that judged the same "
+              "configuration):\n" + table(heads, bench))
     rc = 1 if any(r.status == "FAIL" for r in rows) else 0
+    for label in unjudged:
+        print(f"gpu_check: {label!r} was timed but not judged: no parity row for its runtime, precision "
+              f"and options")
+    rc = rc or (1 if unjudged else 0)
     missing = require_failures(args.require, card, rows, bench)
     for m in missing:
         print(f"gpu_check: {m}")
@@ -281,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
     md = (f"# GPU check on {card}\n\n`PYTHONPATH=/tmp/ortgpu:$PWD python3 benchmarks/gpu_check.py` "
           f"(torch {torch.__version__}, onnxruntime-gpu {ort.__version__}).\n\n"
-          f"## Parity against PyTorch (CPU, fp32)\n\n```\n{matrix}\n```\n\n"
+          f"## Parity against PyTorch (CPU, fp32), one row per timed configuration\n\n```\n{matrix}\n```\n\n"
           f"## Latency (batch 1) and throughput\n\n```\n{table(heads, bench)}\n```\n")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -289,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {results / f'gpu_{slug}.md'}")
     if args.out_dir:
         write_text_atomic(Path(args.out_dir) / f"gpu_{slug}.json", json.dumps(
-            {"card": card, "parity": [r.as_dict() for r in rows], "bench": [dict(zip(heads, r, strict=True)) for r in bench]},
+            {"card": card, "parity": [{**r.as_dict(), "options": row_key(r)[2]} for r in rows], "bench": [dict(zip(heads, r, strict=True)) for r in bench]},
             indent=2, default=str))
         write_text_atomic(Path(args.out_dir) / f"gpu_{slug}.md", md)
     return rc

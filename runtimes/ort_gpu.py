@@ -127,6 +127,7 @@ class _OrtGpu(_OrtRuntime):
 
     precisions = ("fp32", "fp16")
     option_specs = _GPU_OPTIONS
+    memory_device = "cuda"  # where IO-bound and CUDA-graph buffers live (OrtValue device name)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -233,8 +234,8 @@ class _OrtGpu(_OrtRuntime):
             raise InvalidInputError(f"{self.name}: cuda_graph needs a fixed-shape model (this one has a symbolic "
                                     "batch axis); export without --dynamic-batch")
         in_np = self.dummy_input(shape[0])
-        self._in_val = ort.OrtValue.ortvalue_from_numpy(in_np, "cuda", self.device_id)
-        self._out_val = ort.OrtValue.ortvalue_from_shape_and_type(list(out_shape), np.float32, "cuda", self.device_id)
+        self._in_val = ort.OrtValue.ortvalue_from_numpy(in_np, self.memory_device, self.device_id)
+        self._out_val = ort.OrtValue.ortvalue_from_shape_and_type(list(out_shape), np.float32, self.memory_device, self.device_id)
         b = self.session.io_binding()
         b.bind_ortvalue_input(self.input_name, self._in_val)
         b.bind_ortvalue_output(self.output_name, self._out_val)
@@ -269,7 +270,7 @@ class _OrtGpu(_OrtRuntime):
                 return self._out_val
         b = self.session.io_binding()
         b.bind_ortvalue_input(self.input_name, x)
-        b.bind_output(self.output_name, "cuda", self.device_id)
+        b.bind_output(self.output_name, self.memory_device, self.device_id)
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0]
 
@@ -281,8 +282,8 @@ class _OrtGpu(_OrtRuntime):
                 return self._graph_binding.copy_outputs_to_cpu()[0]
         if self.io_binding:
             b = self.session.io_binding()
-            b.bind_ortvalue_input(self.input_name, self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
-            b.bind_output(self.output_name, "cuda", self.device_id)
+            b.bind_ortvalue_input(self.input_name, self._ort.OrtValue.ortvalue_from_numpy(x, self.memory_device, self.device_id))
+            b.bind_output(self.output_name, self.memory_device, self.device_id)
             self.session.run_with_iobinding(b)
             return b.copy_outputs_to_cpu()[0]
         return super()._run(x)
