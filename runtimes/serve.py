@@ -183,7 +183,10 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
         _unavailable_with_retry_after()
     except ImportError:
         http = "h11"
+    # proxy_headers off: X-Forwarded-* would only set the client address, which nothing reads, and the
+    # middleware costs every request a hop and a trusted-host check (py-spy: ~15% of the loop's busy time).
     config = uvicorn.Config(app, loop=loop, http=http, lifespan="on", access_log=False, log_level="warning",
+                            proxy_headers=False,
                             timeout_graceful_shutdown=cfg.graceful_timeout_s, backlog=1024,
                             timeout_keep_alive=max(1, round(cfg.read_timeout_s)),
                             limit_concurrency=cfg.max_concurrency + max(32, cfg.max_concurrency // 4),
