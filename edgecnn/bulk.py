@@ -42,6 +42,7 @@ class BulkSummary:
     skipped: int = 0  # already in the output (--resume)
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)  # the first few "path: reason"
+    split: dict = field(default_factory=dict)  # decode workers and runtime threads used, and why (Split.as_dict)
 
     @property
     def rate(self) -> float:
@@ -76,7 +77,7 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
         echo: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None) -> BulkSummary:
     """Classify every path named by ``inputs``; rows go to ``output`` (a table) or, without it, to ``echo``."""
     from edgecnn.runtimes import Classifier
-    from edgecnn.runtimes.pipeline import Progress, columns, count_paths, iter_paths
+    from edgecnn.runtimes.pipeline import Progress, columns, count_paths, iter_paths, plan_split
     from edgecnn.runtimes.tables import open_table
 
     if opts.engine not in ENGINES:
@@ -99,10 +100,12 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
 
     deployable = resolve(model)  # a bundle altered after packaging is refused here, before any output exists
     tuned = "threads" in deployable.configured and deployable.threads is not None
+    say = log or (lambda s: None)
     with contextlib.ExitStack() as stack:
-        clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **runtime_options(opts, tuned)))
+        rt_opts = runtime_options(opts, tuned)
+        clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **rt_opts))
         for note in clf.override_notes + ([clf.assumption_note] if clf.assumption_note else []):
-            (log or (lambda s: None))(f"edgecnn: note: {note}")
+            say(f"edgecnn: note: {note}")
         table = open_table(output, columns(opts.top_k), resume=opts.resume, force=opts.force) if output else None
         done = table.done if table is not None else None
 
@@ -113,20 +116,36 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
             return False
 
         skip = _skip if done else None
+        paths = iter_paths(inputs) if skip is None else (p for p in iter_paths(inputs) if not skip(p))
         progress = Progress(total - (len(done) if done else 0), enabled=opts.progress)
-        start = time.perf_counter()
+        start = time.perf_counter()  # the calibration below is part of the run's time
         try:
             with _sigterm_as_interrupt():
                 if opts.engine == "ray":
                     from . import ray_engine
 
-                    paths = [p for p in iter_paths(inputs) if skip is None or not skip(p)]
-                    batches = ray_engine.predict_rows(paths, str(model), opts, runtime_options(opts, tuned))
+                    batches = ray_engine.predict_rows(list(paths), str(model), opts, runtime_options(opts, tuned))
                 else:
                     from edgecnn.runtimes.pipeline import predict_rows
 
-                    batches = predict_rows(iter_paths(inputs), clf, top_k=opts.top_k, batch_size=opts.batch_size,
-                                           workers=opts.workers, fast_jpeg=opts.fast_jpeg, skip=skip,
+                    # decode workers and runtime threads: what is given is kept, the rest measured and chosen
+                    open_threads = int(clf.deployable.threads or 1)
+                    given_threads = opts.options.get("threads") or (open_threads if tuned else None)
+                    split = plan_split(paths, clf, workers=opts.workers, threads=given_threads,
+                                       model_threads=open_threads, fast_jpeg=opts.fast_jpeg,
+                                       batch_size=opts.batch_size, files_left=total - (len(done) if done else 0))
+                    if split.threads != open_threads:  # opened on 1 thread to be measured: reopen on the choice
+                        stack.pop_all().close()
+                        more = {"threads": split.threads}
+                        if split.threads > 1 and "spinning" not in opts.options and opts.runtime in (None, "ort-cpu") \
+                                and clf.deployable.runtime == "ort-cpu":
+                            more["spinning"] = False  # its threads share the cores with decoding: no busy-waiting
+                        clf = stack.enter_context(Classifier(model, runtime=opts.runtime, **{**rt_opts, **more}))
+                    if split.chosen and not split.reason:  # a run too small to measure keeps quiet
+                        say(f"edgecnn: note: {split.note()}")
+                    summary.split = split.as_dict()
+                    batches = predict_rows(paths, clf, top_k=opts.top_k, batch_size=opts.batch_size,
+                                           workers=split.workers, fast_jpeg=opts.fast_jpeg, first=split.head,
                                            executor=opts.executor)
                 with contextlib.closing(batches):  # stops the decode workers whatever ends the loop
                     for rows in batches:

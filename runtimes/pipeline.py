@@ -8,8 +8,13 @@ batches are decoded ahead of the model.
 Measured on 2 shared cores (benchmarks/bulk_predict.py -> results/bulk_predict.md): decode threads and
 decode processes came out within noise of each other, so threads are the default (no start-up, no
 pickling, nothing to spawn from the bundle's predict.py); ``executor="process"`` is there. The model's
-runtime is given one thread by the callers, as decoding, not inference, is the cost (a 640x480 JPEG takes
-milliseconds to decode, the network a fraction of one).
+runtime is given one thread by the callers unless ``choose_split`` (below) finds the model the slower stage.
+
+How many decode workers and how many runtime threads: ``measure_split`` decodes the first few files on the
+calling thread and times the model on them (their pixels then feed the first batch: nothing is decoded
+twice); ``choose_split`` turns those per-image costs into the split that a simple model of the pipeline
+predicts fastest for the usable CPUs, with the fewest threads among near-ties. What the caller fixed
+(``--workers``, ``-O threads``, a tuned thread count) is kept; only the rest is chosen.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +38,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".
                             ".ppm", ".pgm", ".pbm"})
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 DEFAULT_BATCH = 64  # the runtime's throughput is flat from 32 up on this Net (bench), and 64 keeps latency low
+DECODE_CHUNK = 16  # files per decode task: a batch is split over the workers, so the last batch is not decoded alone
 _GLOB = re.compile(r"[*?[]")
 
 
@@ -126,6 +133,167 @@ def _executor(kind: str, workers: int) -> Executor:
     raise InvalidInputError(f"unknown decode executor {kind!r}; use 'thread' or 'process'")
 
 
+# ------------------------------------------------------------------------------------------ the split
+PARALLEL_EFFICIENCY = 0.7  # a 2nd runtime thread's share of a 1st: ORT on this Net, batch 64, 2 cores: 1,040 vs 601 img/s
+NEAR_TIE = 0.03  # splits predicted within 3% of the fastest count as ties: the one with the fewest threads wins
+
+
+@dataclass
+class Decoded:
+    """Files already decoded (by ``measure_split``): ``predict_rows`` takes them as its first files."""
+
+    paths: list[str]
+    pixels: np.ndarray
+    errors: list[str | None]
+
+
+@dataclass
+class Split:
+    """Decode workers and runtime threads for one run, and what they were chosen from."""
+
+    workers: int
+    threads: int
+    cpus: int
+    chosen: tuple[str, ...] = ()  # which of "workers", "threads" were chosen here (the rest was given)
+    decode_s: float | None = None  # seconds per image, decoding on one thread
+    model_s: float | None = None  # seconds per image, the model at ``model_threads``
+    model_threads: int = 1
+    files: int = 0  # files the figures were measured on
+    predicted: float | None = None  # images/s the pipeline model predicts for this split
+    reason: str = ""  # why nothing was measured, when nothing was
+    head: Decoded | None = field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> dict:
+        ms = (lambda v: None if v is None else round(v * 1e3, 3))
+        return {"workers": self.workers, "threads": self.threads, "cpus": self.cpus, "chosen": list(self.chosen),
+                "decode_ms_per_image": ms(self.decode_s), "model_ms_per_image": ms(self.model_s),
+                "model_threads": self.model_threads, "files": self.files,
+                "predicted_img_s": None if self.predicted is None else round(self.predicted, 1),
+                "reason": self.reason or None}
+
+    def note(self) -> str:
+        """The one line that says what was chosen and from what."""
+        def n(v: int, what: str) -> str:
+            return f"{v} {what}{'s' if v != 1 else ''}"
+        given = [w for w in ("workers", "threads") if w not in self.chosen]
+        head = (f"decoding on {n(self.workers, 'thread')}, the model on {n(self.threads, 'thread')} "
+                f"({self.cpus} usable CPU{'s' if self.cpus != 1 else ''}")
+        head += f"; {' and '.join({'workers': '--workers', 'threads': 'runtime threads'}[g] for g in given)} as given"\
+            if given else ""
+        if self.reason:
+            return f"{head}; not measured: {self.reason})"
+        figs = [f"decode {self.decode_s * 1e3:.1f} ms/image"] if self.decode_s is not None else []
+        if self.model_s is not None:
+            figs.append(f"model {self.model_s * 1e3:.2f} ms/image on {n(self.model_threads, 'thread')}")
+        return f"{head}; measured on {n(self.files, 'file')}: {', '.join(figs)})"
+
+
+def _model_wall(model_s: float, measured_at: int, threads: int, efficiency: float) -> float:
+    """Seconds per image on ``threads`` runtime threads, from a measurement on ``measured_at`` threads."""
+    one = model_s * (1 + efficiency * (measured_at - 1))
+    return one / (1 + efficiency * (threads - 1))
+
+
+def predicted_rate(workers: int, threads: int, decode_s: float, model_s: float, cpus: int, *,
+                   model_threads: int = 1, efficiency: float = PARALLEL_EFFICIENCY) -> float:
+    """Images/s of the pipeline with ``workers`` decode workers and the model on ``threads`` threads: the
+    slowest of the decode stage (one CPU per worker at most), the model stage, and the CPUs themselves
+    (every runtime thread counts as busy while the model runs: ORT's pool spins between operators)."""
+    m = _model_wall(model_s, model_threads, threads, efficiency)
+    decode_cap = min(workers, cpus) / max(decode_s, 1e-9)
+    model_cap = 1 / max(m, 1e-9)
+    cpu_cap = cpus / max(decode_s + threads * m, 1e-9)
+    return min(decode_cap, model_cap, cpu_cap)
+
+
+def choose_split(decode_s: float | None, model_s: float | None, cpus: int, *, workers: int | None = None,
+                 threads: int | None = None, model_threads: int = 1,
+                 efficiency: float = PARALLEL_EFFICIENCY) -> tuple[int, int]:
+    """(decode workers, runtime threads) for ``cpus`` usable CPUs, from the measured per-image seconds of
+    decoding (one thread) and of the model (on ``model_threads`` threads). ``workers`` / ``threads`` given:
+    kept, only the other is chosen. Unmeasured (None): the decode-bound default, one worker per CPU and
+    one runtime thread. Workers and threads each stay within ``cpus``; together they may exceed it by what
+    the CPU term of ``predicted_rate`` allows (the model's thread waits for decoding part of the time: on
+    2 CPUs, 2 workers and 1 runtime thread measured 1.46x one of each); among splits predicted within
+    NEAR_TIE of the fastest, the one with the fewest threads in all (then fewer runtime threads) wins:
+    a thread more than the work needs only competes for the cores."""
+    cpus = max(1, int(cpus))
+    if decode_s is None or model_s is None or decode_s <= 0 or model_s <= 0:
+        return (workers or cpus, threads or 1)
+    ws = [workers] if workers else range(1, cpus + 1)
+    ts = [threads] if threads else range(1, cpus + 1)
+    rates = {(w, t): predicted_rate(w, t, decode_s, model_s, cpus, model_threads=model_threads, efficiency=efficiency)
+             for w in ws for t in ts}
+    best = max(rates.values())
+    return min((k for k, v in rates.items() if v >= best * (1 - NEAR_TIE)), key=lambda k: (k[0] + k[1], k[1], k[0]))
+
+
+def measure_split(paths: Iterator[str], model: BatchModel, *, fast_jpeg: bool = False, max_files: int = 8,
+                  max_seconds: float = 0.1, time_model: bool = True,
+                  model_threads: int = 1) -> tuple[Decoded | None, float | None, float | None]:
+    """Decode up to ``max_files`` of ``paths`` (fewer once ``max_seconds`` have passed, at least one) on
+    this thread, then run the model on those that decoded: (the decoded files, decode s/image, model
+    s/image). Never raises for a file; the decoded files are meant for ``predict_rows(first=...)``."""
+    size = int(model.input_size)
+    done: list[str] = []
+    arrays: list[np.ndarray] = []
+    errors: list[str | None] = []
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    while len(done) < max(1, max_files) and (not done or time.perf_counter() - wall0 < max_seconds):
+        p = next(paths, None)
+        if p is None:
+            break
+        px, err = decode_many([p], size, fast_jpeg)
+        done.append(p)
+        arrays.append(px)
+        errors += err
+    if not done:
+        return None, None, None
+    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+    # CPU time resists a busy machine; wall time where the files made this thread wait (slow storage)
+    decode_s = (wall if wall > 2 * cpu else cpu) / len(done)
+    head = Decoded(done, np.concatenate(arrays), errors)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    model_s = None
+    if ok and time_model:
+        x = head.pixels[ok]
+        model.probabilities_from_pixels(x)  # the first run at a new batch size allocates
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        model.probabilities_from_pixels(x)
+        wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+        # on one thread ORT runs on this one, so its CPU time is the model's; more threads: the wall time
+        model_s = (cpu if model_threads <= 1 else wall) / len(ok)
+    return head, decode_s, model_s
+
+
+def plan_split(paths: Iterator[str], model: BatchModel, *, cpus: int | None = None, workers: int | None = None,
+               threads: int | None = None, model_threads: int = 1, fast_jpeg: bool = False,
+               batch_size: int = DEFAULT_BATCH, files_left: int | None = None) -> Split:
+    """Measure (unless both are given) and choose the split; the Split's ``head`` holds the files decoded
+    meanwhile (pass it to ``predict_rows(first=...)``), ``paths`` continues after them. ``files_left``: how
+    many files the run has; one batch or less is not measured (the split hardly matters, the time would)."""
+    cpus = cpus or default_workers()
+    chosen = tuple(w for w, v in (("workers", workers), ("threads", threads)) if not v)
+    if not chosen:
+        return Split(workers, threads, cpus)
+    if files_left is not None and files_left <= batch_size:
+        w, t = choose_split(None, None, cpus, workers=workers, threads=threads)
+        why = ("no files left" if files_left <= 0 else
+               f"{files_left} file{'s' if files_left != 1 else ''}, one batch or less")
+        return Split(w, t, cpus, chosen, reason=why)
+    head, decode_s, model_s = measure_split(paths, model, fast_jpeg=fast_jpeg, max_files=min(8, batch_size),
+                                            model_threads=threads or model_threads)
+    w, t = choose_split(decode_s, model_s, cpus, workers=workers, threads=threads,
+                        model_threads=threads or model_threads)
+    reason = ("no files left" if head is None else
+              f"none of the first {len(head.paths)} files could be read" if model_s is None else "")
+    split = Split(w, t, cpus, chosen, decode_s, model_s, threads or model_threads, len(head.paths) if head else 0,
+                  None, reason, head)
+    if decode_s and model_s:
+        split.predicted = predicted_rate(w, t, decode_s, model_s, cpus, model_threads=split.model_threads)
+    return split
+
+
 # ------------------------------------------------------------------------------------------ rows
 def columns(top_k: int) -> list[str]:
     """The columns of a result row: path, label_1, prob_1, ..., label_k, prob_k, error."""
@@ -156,42 +324,83 @@ def make_rows(paths: Sequence[str], errors: Sequence[str | None], probs: np.ndar
     return rows
 
 
+def _plan(it: Iterator[str], batch_size: int, chunk: int, first: Decoded | None) -> Iterator[tuple[object, bool]]:
+    """The decode tasks: (paths or the already decoded ``first``, last piece of its batch?). Batches are
+    the same ``batch_size`` runs of paths as without ``first`` (the model sees the same batches)."""
+    n0 = len(first.paths) if first is not None else 0
+    lead = True
+    while True:
+        want = batch_size - n0 if lead else batch_size
+        batch = list(islice(it, want)) if want > 0 else []
+        pieces: list[object] = [batch[i:i + chunk] for i in range(0, len(batch), chunk)]
+        if lead and first is not None and first.paths:
+            pieces.insert(0, first)
+        lead = False
+        if not pieces:
+            return
+        for j, piece in enumerate(pieces):
+            yield piece, j == len(pieces) - 1
+
+
 def predict_rows(paths: Iterable[str], model: BatchModel, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH,
                  workers: int | None = None, fast_jpeg: bool = False, executor: str = "thread",
-                 skip: Callable[[str], bool] | None = None) -> Iterator[list[dict]]:
+                 skip: Callable[[str], bool] | None = None, first: Decoded | None = None) -> Iterator[list[dict]]:
     """Stream ``paths`` through ``model``; yield the rows of each batch, in input order.
 
-    Decoding runs on ``workers`` threads (or processes) while the model infers the previous batch; a file
-    that cannot be read is a row with its ``error`` set. ``skip(path)`` true: the path is left out (resume).
+    Decoding runs on ``workers`` threads (or processes), ``DECODE_CHUNK`` files a task, while the model
+    infers the previous batch; a file that cannot be read is a row with its ``error`` set. ``skip(path)``
+    true: the path is left out (resume). ``first``: files already decoded (``plan_split``'s head), which
+    come before ``paths`` (and are not skipped again).
     """
     if top_k < 1:
         raise InvalidInputError(f"top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise InvalidInputError(f"batch size must be >= 1, got {batch_size}")
+    if first is not None and len(first.paths) > batch_size:
+        raise InvalidInputError(f"{len(first.paths)} files decoded ahead, more than one batch ({batch_size})")
     workers = workers or default_workers()
     it = iter(paths) if skip is None else (p for p in paths if not skip(p))
     names, size = list(model.class_names), int(model.input_size)
+    chunk = max(1, min(batch_size, DECODE_CHUNK))
+    plan = _plan(it, batch_size, chunk, first)
     pool = _executor(executor, workers)
     pending: deque = deque()
 
     def submit() -> None:
-        chunk = list(islice(it, batch_size))
-        if chunk:
-            pending.append((chunk, pool.submit(decode_many, chunk, size, fast_jpeg)))
+        item = next(plan, None)
+        if item is None:
+            return
+        piece, last = item
+        if isinstance(piece, Decoded):
+            fut: Future = Future()
+            fut.set_result((piece.pixels, piece.errors))
+            pending.append((piece.paths, fut, last))
+        else:
+            pending.append((piece, pool.submit(decode_many, piece, size, fast_jpeg), last))
 
     try:
-        for _ in range(workers + 1):
+        for _ in range((workers + 1) * -(-batch_size // chunk)):  # workers + 1 batches ahead, as before
             submit()
         while pending:
-            chunk, fut = pending.popleft()
-            submit()
-            pixels, errors = fut.result()
+            parts = []
+            while True:
+                piece_paths, fut, last = pending.popleft()
+                submit()
+                parts.append((piece_paths, fut))
+                if last or not pending:
+                    break
+            # the model's thread never waits idle on a file nobody started: it decodes that piece itself
+            results = [decode_many(ps, size, fast_jpeg) if fut.cancel() else None for ps, fut in parts]
+            results = [r if r is not None else fut.result() for r, (_, fut) in zip(results, parts)]
+            chunk_paths = [p for ps, _ in parts for p in ps]
+            pixels = results[0][0] if len(results) == 1 else np.concatenate([r[0] for r in results])
+            errors = [e for r in results for e in r[1]]
             ok = [i for i, e in enumerate(errors) if e is None]
             batch = pixels if len(ok) == len(errors) else pixels[ok]  # no copy when every file decoded
             probs = model.probabilities_from_pixels(batch) if ok else None
-            yield make_rows(chunk, errors, probs, names, top_k)
+            yield make_rows(chunk_paths, errors, probs, names, top_k)
     finally:
-        for _, fut in pending:
+        for _, fut, _ in pending:
             fut.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
 
