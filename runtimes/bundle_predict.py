@@ -52,9 +52,11 @@ def _preprocess_module():
 class BundleModel:
     """One model of the bundle on ONNX Runtime CPU (or OpenVINO, for a tuned bundle), with its labels and preprocessing."""
 
-    def __init__(self, folder: Path = HERE, model: str | None = None, threads: int | None = None):
+    def __init__(self, folder: Path = HERE, model: str | None = None, threads: int | None = None,
+                 spinning: bool | None = None):
         """``threads``: runtime threads; default: the tuned count the bundle records, else 1 (decoding
-        needs the cores). Refuses (exit 2) a bundle whose model, labels or code differ from the manifest."""
+        needs the cores). ``spinning``: ORT's intra-op spinning, over what the bundle records. Refuses
+        (exit 2) a bundle whose model, labels or code differ from the manifest."""
         folder = Path(folder)
         self.pre = _preprocess_module()  # puts the bundle folder on sys.path (edgecnn_deploy, edgecnn_cpu)
         import edgecnn_deploy
@@ -72,7 +74,8 @@ class BundleModel:
         if d.runtime == "openvino":
             meta, in_type, in_shape = self._load_openvino(d.model, d.precision, d.options, threads)
         elif d.runtime == "ort-cpu":
-            meta, in_type, in_shape = self._load_ort(d.model, threads, d.options)
+            opts = d.options if spinning is None else {**d.options, "spinning": spinning}
+            meta, in_type, in_shape = self._load_ort(d.model, threads, opts)
         else:
             raise BundleError(f"{folder}: runtime {d.runtime!r} is not one a bundle runs (ort-cpu, openvino)")
         # The one validator of class names and mean/std (edgecnn_preprocess.py is edgecnn's own preprocess).
@@ -218,10 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output:
             table = tables.open_table(args.output, pipe.columns(args.top_k), resume=args.resume, force=args.force)
-        skip = (lambda p: p in table.done) if table is not None and len(table.done) else None
-        for rows in pipe.predict_rows(pipe.iter_paths(args.images), clf, top_k=args.top_k,
-                                      batch_size=args.batch_size, workers=args.workers,
-                                      fast_jpeg=args.fast_decode, skip=skip):
+        done = table.done if table is not None else ()
+        paths = (p for p in pipe.iter_paths(args.images) if p not in done) if len(done) else pipe.iter_paths(args.images)
+        # decode workers and runtime threads: what is given (--workers, --threads, a tuned count) is kept,
+        # the rest measured on the first files and chosen, as `edgecnn predict` does
+        given_threads = clf.threads if (args.threads or clf.deployable.threads) else None
+        split = pipe.plan_split(paths, clf, cpus=_usable_cpus(), workers=args.workers, threads=given_threads,
+                                model_threads=clf.threads, fast_jpeg=args.fast_decode, batch_size=args.batch_size,
+                                files_left=pipe.count_paths(args.images) - len(done))
+        if split.threads != clf.threads:  # opened on 1 thread to be measured: reopen on the choice
+            clf = BundleModel(HERE, args.model, split.threads,
+                              spinning=False if clf.deployable.runtime == "ort-cpu" else None)
+        if split.chosen and not split.reason:
+            print(f"predict.py: note: {split.note()}", file=sys.stderr)
+        for rows in pipe.predict_rows(paths, clf, top_k=args.top_k, batch_size=args.batch_size,
+                                      workers=split.workers, fast_jpeg=args.fast_decode, first=split.head):
             if table is not None:
                 table.write(rows)
             for r in rows:
@@ -232,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                     preds = [(r[f"label_{i}"], r[f"prob_{i}"]) for i in range(1, args.top_k + 1)
                              if r[f"label_{i}"] is not None]
                     print("\t".join([r["path"]] + [f"{label}\t{p:.6f}" for label, p in preds]))
+    except BundleError as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return e.exit_code
     except (clf.pre.InvalidInputError, tables.MissingDependencyError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if isinstance(e, tables.MissingDependencyError) else EXIT_BAD_INPUT

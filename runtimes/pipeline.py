@@ -164,7 +164,9 @@ class Split:
     head: Decoded | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        ms = (lambda v: None if v is None else round(v * 1e3, 3))
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1e3, 3)
+
         return {"workers": self.workers, "threads": self.threads, "cpus": self.cpus, "chosen": list(self.chosen),
                 "decode_ms_per_image": ms(self.decode_s), "model_ms_per_image": ms(self.model_s),
                 "model_threads": self.model_threads, "files": self.files,
@@ -391,7 +393,7 @@ def predict_rows(paths: Iterable[str], model: BatchModel, *, top_k: int = 1, bat
                     break
             # the model's thread never waits idle on a file nobody started: it decodes that piece itself
             results = [decode_many(ps, size, fast_jpeg) if fut.cancel() else None for ps, fut in parts]
-            results = [r if r is not None else fut.result() for r, (_, fut) in zip(results, parts)]
+            results = [r if r is not None else fut.result() for r, (_, fut) in zip(results, parts, strict=True)]
             chunk_paths = [p for ps, _ in parts for p in ps]
             pixels = results[0][0] if len(results) == 1 else np.concatenate([r[0] for r in results])
             errors = [e for r in results for e in r[1]]

@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from edgecnn.runtimes import pipeline as pl
-from edgecnn.runtimes.pipeline import (Decoded, Split, choose_split, measure_split, plan_split, predict_rows,
-                                       predicted_rate)
+from edgecnn.runtimes.pipeline import (
+    Decoded,
+    Split,
+    choose_split,
+    measure_split,
+    plan_split,
+    predict_rows,
+    predicted_rate,
+)
 from PIL import Image
 
 from edgecnn import bulk
@@ -248,3 +255,25 @@ def test_small_empty_unreadable_and_resumed_runs_stay_quiet_and_work(images, tra
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="no image files"):
         bulk.run(trained.onnx_dynamic, [str(tmp_path / "empty")], str(tmp_path / "e.csv"), bulk.BulkOptions(**opts))
+
+
+def test_bundle_predict_py_sizes_itself_and_writes_the_same_rows(images, trained, tmp_path):
+    import subprocess
+    import sys
+
+    from edgecnn.package import build_bundle
+
+    root, paths = images
+    bundle = tmp_path / "bundle"
+    build_bundle([trained.onnx_dynamic], bundle)
+    auto, fixed = tmp_path / "auto.csv", tmp_path / "fixed.csv"
+    cmd = [sys.executable, str(bundle / "predict.py"), str(root), "--batch-size", "4", "--top-k", "2"]
+    r = subprocess.run([*cmd, "-o", str(auto)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr  # 2: the unreadable files
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("predict.py: note: decoding on ")]
+    assert len(notes) == 1 and "measured on 4 files" in notes[0], r.stderr
+    t = re.match(r"predict.py: note: decoding on \d+ threads?, the model on (\d+)", notes[0]).group(1)
+    r = subprocess.run([*cmd, "-o", str(fixed), "--workers", "1", "--threads", t], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "note: decoding" not in r.stderr, r.stderr
+    assert _csv_rows(auto) == _csv_rows(fixed)
