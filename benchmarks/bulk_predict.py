@@ -199,13 +199,31 @@ def main() -> None:
         paths = sorted(str(p) for p in make_photos(photos, args.photos))
         print(f"model and {len(paths)} photos ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         out = td / "out.csv"
+        res["default_split"] = default_splits = []  # what the default chose, each round (BulkSummary.split)
+
+        def exact_default() -> list[dict]:
+            from edgecnn.runtimes.tables import iter_table
+
+            from edgecnn import bulk
+
+            s = bulk.run(model, [str(photos)], str(out), bulk.BulkOptions(force=True, progress=False))
+            default_splits.append(s.split)
+            return list(iter_table(str(out)))
+
+        def plural(n: int, what: str) -> str:
+            return f"{n} {what}{'s' if n != 1 else ''}"
+
         configs = {
             "naive loop (per file, ORT batch 1)": lambda: naive_loop(model, paths),
-            "exact pipeline (default)": lambda: run_bulk(model, photos, out),
+            "exact pipeline (default)": exact_default,
             "fast decode pipeline (--fast-decode)": lambda: run_bulk(model, photos, out, fast_jpeg=True),
             "exact, decode in processes": lambda: run_bulk(model, photos, out, executor="process"),
-            "exact, runtime on 2 threads (-O threads=2)": lambda: run_bulk(model, photos, out, options={"threads": 2}),
-            "exact, 1 decode worker": lambda: run_bulk(model, photos, out, workers=1),
+        }
+        for w in sorted({1, cores}):  # the fixed splits the default is judged against
+            for t in sorted({1, cores}):
+                configs[f"exact, fixed split: {plural(w, 'decode worker')}, runtime {plural(t, 'thread')}"] = (
+                    lambda w=w, t=t: run_bulk(model, photos, out, workers=w, options={"threads": t}))
+        configs |= {
             f"decode ceiling, exact ({cores} threads)": lambda: decode_ceiling(paths, False, cores),
             f"decode ceiling, fast ({cores} threads)": lambda: decode_ceiling(paths, True, cores),
             "decode, exact (1 thread)": lambda: decode_ceiling(paths, False, 1),
@@ -298,6 +316,14 @@ def write(res: dict, out: Path, command: str) -> None:
         f"| fast pipeline ≥ 80% of min(decode ceiling {ceil_f:,.0f}, runtime {run1:,.0f}) | "
         f"{100 * fast / min(ceil_f, run1):.0f}% | {'yes' if fast >= 0.8 * min(ceil_f, run1) else 'no'} |",
     ]
+    fixed = {k: v for k, v in r.items() if k.startswith("exact, fixed split: ")}
+    if fixed:
+        best_name = max(fixed, key=fixed.get)
+        chose = sorted({(s["workers"], s["threads"]) for s in res.get("default_split") or [] if s})
+        chose_txt = ", ".join(f"{w} decode worker(s) / {t} runtime thread(s)" for w, t in chose) or "?"
+        lines.append(f"| default within 10% of the best fixed split ({best_name.split(': ', 1)[1]}, "
+                     f"{fixed[best_name]:,.0f}; the default chose {chose_txt}) | {100 * exact / fixed[best_name]:.0f}% | "
+                     f"{'yes' if exact >= 0.9 * fixed[best_name] else 'no'} |")
     d = res["fast_prob1_abs_diff"]
     lines.append(f"\nFast decode vs exact, top-1 probability: median |diff| {d['median']:.4f}, max {d['max']:.4f}.")
     if res.get("draft"):
