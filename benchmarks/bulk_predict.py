@@ -105,25 +105,94 @@ def runtime_rate(model: Path, threads: int, batch: int, n: int) -> float:
 
 
 def draft_variants(model: Path, paths: list[str]) -> list[dict]:
-    """Decode-only speed (1 thread) and top-1 agreement with the exact path of JPEG draft scales."""
+    """A survey of the JPEG decoders that scale in the DCT, on the same JPEGs: decode-only speed (1 thread) and
+    top-1 agreement with the exact path, each followed by the same Pillow bilinear resize to 64x64.
+    A decoder that cannot run here is a row that says why (``not_measured``), never a number."""
     from edgecnn.runtimes import Classifier
     from edgecnn.runtimes.preprocess import to_rgb_uint8
     from PIL import Image
+
+    size = 64
+
+    def resized(a: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR))
 
     def draft(req: int):
         def f(p: str) -> np.ndarray:
             with Image.open(p) as im:
                 im.draft("RGB", (req, req))
-                return np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR))
+                return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
         return f
+
+    rows: list[tuple[str, object]] = [
+        ("exact (Pillow full decode)", lambda p: to_rgb_uint8(p, size)),
+        ("--fast-decode as shipped (runtimes/preprocess.py)", lambda p: to_rgb_uint8(p, size, fast_jpeg=True)),
+        ("Pillow draft to 2x input (1/2 scale for 640x480)", draft(2 * size)),
+        ("Pillow draft to 1x input (1/4 scale)", draft(size)),
+    ]
+    try:
+        import simplejpeg
+
+        def sj(rule: str, fastdct: bool, fastup: bool):
+            def f(p: str) -> np.ndarray:
+                with open(p, "rb") as fh:
+                    data = fh.read()
+                if rule == "half":  # exactly 1/2 scale, as Pillow's draft to 2x picks for 640x480
+                    h, w = simplejpeg.decode_jpeg_header(data)[:2]
+                    mw, mh = (w + 1) // 2, (h + 1) // 2
+                else:  # the smallest libjpeg-turbo scale (n/8) that keeps both sides >= rule x input
+                    mw = mh = int(rule) * size
+                return resized(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fastdct, fastupsample=fastup,
+                                                      min_width=mw, min_height=mh))
+            return f
+
+        for rule, what in (("2", "min 2x input (3/8 scale for 640x480)"), ("half", "1/2 scale"),
+                           ("1", "min 1x input (1/4 scale)")):
+            for fastdct, fastup in ((False, False), (True, True), (True, False), (False, True)):
+                flags = (f"fastdct {'on' if fastdct else 'off'}, fastupsample {'on' if fastup else 'off'}")
+                rows.append((f"simplejpeg {simplejpeg.__version__}, {what}, {flags}", sj(rule, fastdct, fastup)))
+    except ImportError:
+        rows.append(("simplejpeg", "not measured: simplejpeg is not installed (pip install simplejpeg)"))
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+
+        tj = TurboJPEG()
+
+        def tjf(factor: tuple[int, int]):
+            def f(p: str) -> np.ndarray:
+                with open(p, "rb") as fh:
+                    return resized(tj.decode(fh.read(), pixel_format=TJPF_RGB, scaling_factor=factor))
+            return f
+
+        rows += [("PyTurboJPEG, scaling_factor 1/2", tjf((1, 2))), ("PyTurboJPEG, scaling_factor 1/4", tjf((1, 4)))]
+    except ImportError:
+        rows.append(("PyTurboJPEG", "not measured: PyTurboJPEG is not installed (pip install PyTurboJPEG)"))
+    except Exception as e:  # the package is there, the C library it loads is not
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        rows.append(("PyTurboJPEG", f"not measurable here: libturbojpeg not installed (PyTurboJPEG: {first})"))
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        try:
+            simd = distribution("Pillow-SIMD").version
+        except PackageNotFoundError:
+            simd = None
+    except ImportError:
+        simd = None
+    if simd:
+        rows.append((f"pillow-simd {simd}", "is the Pillow of this run: every row above resizes with it"))
+    else:
+        rows.append(("pillow-simd (SIMD resize)", "not measured: sdist only, and it replaces Pillow (run this "
+                                                  "benchmark in a virtual environment that has it instead)"))
 
     jpeg = [p for p in paths if p.endswith(".jpg")]
     out = []
     with Classifier(model, threads=1) as clf:
         ref = None
-        for name, fn in (("exact (full decode)", lambda p: to_rgb_uint8(p, 64)),
-                         ("--fast-decode: draft to 2x input (1/2 scale)", lambda p: to_rgb_uint8(p, 64, fast_jpeg=True)),
-                         ("draft to 1x input (1/4 scale)", draft(64))):
+        for name, fn in rows:
+            if isinstance(fn, str):
+                out.append({"decode": name, "not_measured": fn, "jpegs": len(jpeg)})
+                continue
             secs, x = timed(lambda fn=fn: np.stack([fn(p) for p in jpeg]))
             probs = clf.probabilities_from_pixels(x)
             ref = probs if ref is None else ref
@@ -329,7 +398,8 @@ def write(res: dict, out: Path, command: str) -> None:
     if res.get("draft"):
         lines += ["", "| JPEG decode (+ the same resize) | images/s, 1 thread, decode only | top-1 agreement with exact | "
                   "largest top-2 margin among disagreements |", "|---|---:|---:|---:|"]
-        lines += [f"| {x['decode']} | {x['img_s_1_thread']:,.0f} | {x['top1_agreement_pct']:.2f}% of {x['jpegs']} | "
+        lines += [f"| {x['decode']} | {x['not_measured']} | - | - |" if "not_measured" in x else
+                  f"| {x['decode']} | {x['img_s_1_thread']:,.0f} | {x['top1_agreement_pct']:.2f}% of {x['jpegs']} | "
                   f"{x['max_margin_of_disagreements'] if x['max_margin_of_disagreements'] is not None else '-'} |"
                   for x in res["draft"]]
     if "ray" in res:
