@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".
                             ".ppm", ".pgm", ".pbm"})
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 DEFAULT_BATCH = 64  # the runtime's throughput is flat from 32 up on this Net (bench), and 64 keeps latency low
-DECODE_CHUNK = 16  # files per decode task: a batch is split over the workers, so the last batch is not decoded alone
+DECODE_CHUNK = 16  # files per decode task where the model's thread may decode some (see predict_rows)
 _GLOB = re.compile(r"[*?[]")
 
 
@@ -145,6 +145,7 @@ class Decoded:
     paths: list[str]
     pixels: np.ndarray
     errors: list[str | None]
+    measured: int = 0  # of them, the first files whose decoding was timed
 
 
 @dataclass
@@ -231,40 +232,61 @@ def choose_split(decode_s: float | None, model_s: float | None, cpus: int, *, wo
 
 
 def measure_split(paths: Iterator[str], model: BatchModel, *, fast_jpeg: bool = False, max_files: int = 8,
-                  max_seconds: float = 0.1, time_model: bool = True,
-                  model_threads: int = 1) -> tuple[Decoded | None, float | None, float | None]:
-    """Decode up to ``max_files`` of ``paths`` (fewer once ``max_seconds`` have passed, at least one) on
-    this thread, then run the model on those that decoded: (the decoded files, decode s/image, model
-    s/image). Never raises for a file; the decoded files are meant for ``predict_rows(first=...)``."""
+                  max_seconds: float = 0.1, time_model: bool = True, model_threads: int = 1, fill: int = 0,
+                  helpers: int = 0) -> tuple[Decoded | None, float | None, float | None]:
+    """Decode the next ``max_files`` of ``paths`` on this thread, timing the first of them (those within
+    ``max_seconds``, at least one), and time the model on those that decoded: (the decoded files, decode
+    s/image, model s/image; ``Decoded.measured`` says on how many files). Meanwhile ``helpers`` threads
+    decode the ``fill`` files after them (this thread joins in once it is done), so the start of a run
+    does not leave CPUs idle. Never raises for a file; the decoded files are meant for
+    ``predict_rows(first=...)``."""
     size = int(model.input_size)
-    done: list[str] = []
+    probe = list(islice(paths, max(1, max_files)))
+    if not probe:
+        return None, None, None
+    extra = list(islice(paths, fill)) if helpers > 0 and fill > 0 else []
+    pieces = [extra[i:i + DECODE_CHUNK] for i in range(0, len(extra), DECODE_CHUNK)]
+    pool = ThreadPoolExecutor(helpers, thread_name_prefix="decode") if pieces else None
     arrays: list[np.ndarray] = []
     errors: list[str | None] = []
-    wall0, cpu0 = time.perf_counter(), time.thread_time()
-    while len(done) < max(1, max_files) and (not done or time.perf_counter() - wall0 < max_seconds):
-        p = next(paths, None)
-        if p is None:
-            break
-        px, err = decode_many([p], size, fast_jpeg)
-        done.append(p)
-        arrays.append(px)
-        errors += err
-    if not done:
-        return None, None, None
-    wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
-    # CPU time resists a busy machine; wall time where the files made this thread wait (slow storage)
-    decode_s = (wall if wall > 2 * cpu else cpu) / len(done)
-    head = Decoded(done, np.concatenate(arrays), errors)
-    ok = [i for i, e in enumerate(errors) if e is None]
     model_s = None
-    if ok and time_model:
-        x = head.pixels[ok]
+
+    def time_model_on(x: np.ndarray) -> float:
         model.probabilities_from_pixels(x)  # the first run at a new batch size allocates
-        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        w0, c0 = time.perf_counter(), time.thread_time()
         model.probabilities_from_pixels(x)
-        wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+        w, c = time.perf_counter() - w0, time.thread_time() - c0
         # on one thread ORT runs on this one, so its CPU time is the model's; more threads: the wall time
-        model_s = (cpu if model_threads <= 1 else wall) / len(ok)
+        return (c if model_threads <= 1 else w) / len(x)
+
+    try:
+        futs = [pool.submit(decode_many, pc, size, fast_jpeg) for pc in pieces] if pool is not None else []
+        counted, wall, cpu = 0, 0.0, 0.0
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        for p in probe:
+            timing = counted == len(arrays) and (counted == 0 or time.perf_counter() - wall0 < max_seconds)
+            px, err = decode_many([p], size, fast_jpeg)
+            arrays.append(px)
+            errors += err
+            if timing:
+                counted += 1
+                wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
+        # CPU time resists a busy machine (and the helpers); wall time where the files made this thread
+        # wait (slow storage)
+        decode_s = (wall if wall > 2 * cpu else cpu) / counted
+        ok = [i for i, e in enumerate(errors) if e is None]
+        probe_pixels = np.concatenate(arrays)
+        if ok and time_model and model_threads <= 1:  # its CPU time is not disturbed by the helpers
+            model_s = time_model_on(probe_pixels[ok])
+        results = [decode_many(pc, size, fast_jpeg) if f.cancel() else None for pc, f in zip(pieces, futs, strict=True)]
+        results = [r if r is not None else f.result() for r, f in zip(results, futs, strict=True)]
+        if ok and time_model and model_threads > 1:  # wall time: once the helpers are done
+            model_s = time_model_on(probe_pixels[ok])
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    pixels = np.concatenate([probe_pixels, *(r[0] for r in results)]) if results else probe_pixels
+    head = Decoded(probe + extra, pixels, errors + [e for r in results for e in r[1]], counted)
     return head, decode_s, model_s
 
 
@@ -283,13 +305,17 @@ def plan_split(paths: Iterator[str], model: BatchModel, *, cpus: int | None = No
         why = ("no files left" if files_left <= 0 else
                f"{files_left} file{'s' if files_left != 1 else ''}, one batch or less")
         return Split(w, t, cpus, chosen, reason=why)
-    head, decode_s, model_s = measure_split(paths, model, fast_jpeg=fast_jpeg, max_files=min(8, batch_size),
-                                            model_threads=threads or model_threads)
+    probe = min(8, batch_size)
+    # the rest of the first batch is decoded meanwhile, on as many threads as decoding may have less this one
+    helpers = max(0, min(cpus, workers or cpus) - 1)
+    head, decode_s, model_s = measure_split(paths, model, fast_jpeg=fast_jpeg, max_files=probe,
+                                            model_threads=threads or model_threads, fill=batch_size - probe,
+                                            helpers=helpers)
     w, t = choose_split(decode_s, model_s, cpus, workers=workers, threads=threads,
                         model_threads=threads or model_threads)
     reason = ("no files left" if head is None else
-              f"none of the first {len(head.paths)} files could be read" if model_s is None else "")
-    split = Split(w, t, cpus, chosen, decode_s, model_s, threads or model_threads, len(head.paths) if head else 0,
+              f"none of the first {min(probe, len(head.paths))} files could be read" if model_s is None else "")
+    split = Split(w, t, cpus, chosen, decode_s, model_s, threads or model_threads, head.measured if head else 0,
                   None, reason, head)
     if decode_s and model_s:
         split.predicted = predicted_rate(w, t, decode_s, model_s, cpus, model_threads=split.model_threads)
@@ -346,13 +372,17 @@ def _plan(it: Iterator[str], batch_size: int, chunk: int, first: Decoded | None)
 
 def predict_rows(paths: Iterable[str], model: BatchModel, *, top_k: int = 1, batch_size: int = DEFAULT_BATCH,
                  workers: int | None = None, fast_jpeg: bool = False, executor: str = "thread",
-                 skip: Callable[[str], bool] | None = None, first: Decoded | None = None) -> Iterator[list[dict]]:
+                 skip: Callable[[str], bool] | None = None, first: Decoded | None = None,
+                 steal: bool | None = None) -> Iterator[list[dict]]:
     """Stream ``paths`` through ``model``; yield the rows of each batch, in input order.
 
-    Decoding runs on ``workers`` threads (or processes), ``DECODE_CHUNK`` files a task, while the model
-    infers the previous batch; a file that cannot be read is a row with its ``error`` set. ``skip(path)``
-    true: the path is left out (resume). ``first``: files already decoded (``plan_split``'s head), which
-    come before ``paths`` (and are not skipped again).
+    Decoding runs on ``workers`` threads (or processes) while the model infers the previous batch; a file
+    that cannot be read is a row with its ``error`` set. ``skip(path)`` true: the path is left out
+    (resume). ``first``: files already decoded (``plan_split``'s head), which come before ``paths`` (and
+    are not skipped again). ``steal`` (default: when the workers are fewer than the usable CPUs): decode
+    tasks are ``DECODE_CHUNK`` files and the model's thread decodes those of its next batch that no
+    worker has started instead of waiting for them; otherwise a task is a batch (with as many workers as
+    CPUs, a third decoding thread measured 2-4% slower: it only competes for the cores).
     """
     if top_k < 1:
         raise InvalidInputError(f"top-k must be >= 1, got {top_k}")
@@ -363,7 +393,9 @@ def predict_rows(paths: Iterable[str], model: BatchModel, *, top_k: int = 1, bat
     workers = workers or default_workers()
     it = iter(paths) if skip is None else (p for p in paths if not skip(p))
     names, size = list(model.class_names), int(model.input_size)
-    chunk = max(1, min(batch_size, DECODE_CHUNK))
+    if steal is None:
+        steal = workers < default_workers()
+    chunk = max(1, min(batch_size, DECODE_CHUNK)) if steal else batch_size
     plan = _plan(it, batch_size, chunk, first)
     pool = _executor(executor, workers)
     pending: deque = deque()
@@ -392,7 +424,7 @@ def predict_rows(paths: Iterable[str], model: BatchModel, *, top_k: int = 1, bat
                 if last or not pending:
                     break
             # the model's thread never waits idle on a file nobody started: it decodes that piece itself
-            results = [decode_many(ps, size, fast_jpeg) if fut.cancel() else None for ps, fut in parts]
+            results = [decode_many(ps, size, fast_jpeg) if steal and fut.cancel() else None for ps, fut in parts]
             results = [r if r is not None else fut.result() for r, (_, fut) in zip(results, parts, strict=True)]
             chunk_paths = [p for ps, _ in parts for p in ps]
             pixels = results[0][0] if len(results) == 1 else np.concatenate([r[0] for r in results])

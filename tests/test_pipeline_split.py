@@ -123,6 +123,7 @@ def test_measure_split_decodes_the_first_files_once_and_times_both(images):
     model = FakeModel()
     head, d, m = measure_split(it, model, max_files=5, max_seconds=10)
     assert head.paths == paths[:5] and head.pixels.shape == (5, 16, 16, 3) and head.errors == [None] * 5
+    assert head.measured == 5
     assert d > 0 and m > 0 and next(it) == paths[5]  # the iterator continues after the measured files
     assert measure_split(iter([]), model) == (None, None, None)
     head, d, m = measure_split(iter(paths[-3:]), model, max_files=8)  # unreadable: measured, no model figure
@@ -143,6 +144,13 @@ def test_plan_split_edge_cases(images):
     assert "could be read" in s.reason and (s.workers, s.threads) == (2, 1) and len(s.head.paths) == 2
     s = plan_split(iter(paths), model, cpus=2, batch_size=4, files_left=len(paths))
     assert len(s.head.paths) == 4 and s.decode_s > 0 and s.model_s > 0 and not s.reason  # at most one batch ahead
+    it = iter(paths)
+    s = plan_split(it, model, cpus=2, batch_size=16, files_left=len(paths))  # the rest of batch 1 decoded meanwhile
+    assert s.head.paths == paths[:16] and s.head.errors == [None] * 16 and s.files == 8 and next(it) == paths[16]
+    ref, _ = pl.decode_many(paths[:16], 16)
+    assert np.array_equal(s.head.pixels, ref)
+    s = plan_split(iter(paths), model, cpus=2, workers=1, batch_size=16, files_left=len(paths))  # --workers 1
+    assert len(s.head.paths) == 8 and s.workers == 1  # no helper thread beside this one
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -181,7 +189,7 @@ def test_the_model_thread_decodes_pieces_nobody_started(images, monkeypatch):
     monkeypatch.setattr(pl, "decode_many", slow)
     monkeypatch.setattr(pl, "DECODE_CHUNK", 2)
     try:
-        rows = [r for rs in predict_rows(paths, FakeModel(), batch_size=8, workers=1) for r in rs]
+        rows = [r for rs in predict_rows(paths, FakeModel(), batch_size=8, workers=1, steal=True) for r in rs]
     finally:
         gate.set()
     assert [r["path"] for r in rows] == paths
