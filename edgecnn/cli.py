@@ -492,14 +492,23 @@ def tune(model, output, max_drop, calib, runtimes, threads, batch, objective, in
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per runtime call.")
 @click.option("--workers", type=int, default=None, help="Decode threads (ray: local CPUs) [default: one per core].")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: an actor pool on Ray Data (the ray extra); a local instance unless --ray-address.")
-@click.option("--ray-address", default=None, help="An existing Ray cluster (e.g. ray://head:10001 or auto).")
+              help="ray: Ray Data on a local Ray instance (the ray extra), or the cluster of --address.")
+@click.option("--address", "--ray-address", "ray_address", default=None, metavar="HOST:PORT",
+              help="Join this existing Ray cluster (HOST:PORT of `ray start --head`, ray://HOST:10001 or auto); "
+                   "implies --engine ray (with --engine local: an error).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: on a terminal].")
 def predict(model, images, top_k, runtime, isolate, options, output, resume, force, fast_decode, batch_size,
             workers, engine, ray_address, progress):
     """Classify images, folders (recursive), globs or .txt lists of paths: one row per file."""
     from . import bulk
 
+    if ray_address:
+        from click.core import ParameterSource
+
+        explicit = click.get_current_context().get_parameter_source("engine") is not ParameterSource.DEFAULT
+        if engine == "local" and explicit:
+            raise InvalidInputError("--address joins a Ray cluster: it runs with --engine ray, not --engine local")
+        engine = "ray"
     if isolate:
         from .isolate import isolated_cli
 
@@ -510,7 +519,7 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
         args += (["-o", str(output)] if output else []) + (["--workers", str(workers)] if workers else [])
         args += [flag for flag, on in (("--resume", resume), ("--force", force), ("--fast-decode", fast_decode),
                                        ("--progress", progress), ("--no-progress", progress is False)) if on]
-        args += ["--ray-address", ray_address] if ray_address else []
+        args += ["--address", ray_address] if ray_address else []
         sys.exit(isolated_cli(args, f"running {model}"))
 
     def shown(text: str) -> str:  # one line per file: control characters in names and labels are escaped

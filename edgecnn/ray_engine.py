@@ -92,6 +92,25 @@ def predict_batch(batch, *, model: str, runtime: str | None, options: dict, top_
 
 
 # ------------------------------------------------------------------------------------------ on the driver
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) where nothing answers is one error line within ``timeout`` seconds:
+    ``ray.init`` itself retries such an address for ever, printing a warning every few seconds."""
+    import socket
+
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        if address == "auto" or "://" in address:
+            return  # Ray finds the running instance ("auto"), or another scheme: left to Ray
+        raise RuntimeUnavailableError(f"cannot reach Ray at {address}: give HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise RuntimeUnavailableError(f"cannot reach Ray at {address}: {why} (is `ray start --head` running "
+                                      "there?)") from None
+
+
 def _connect(opts) -> bool:
     """Join ``opts.ray_address`` or start a local instance, unless one is running; True when this call did."""
     import ray
@@ -99,13 +118,17 @@ def _connect(opts) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if opts.ray_address:
+        _check_reachable(opts.ray_address)
     try:
         if opts.ray_address:
             ray.init(address=opts.ray_address, **kwargs)
         else:
             from edgecnn.runtimes.pipeline import default_workers
 
-            ray.init(num_cpus=opts.workers or default_workers(), **kwargs)
+            # Ray runs its workers at nice 15 by default: behind any other work on the machine, where the
+            # local engine's threads run at the user's own priority; the same CPUs means the same priority
+            ray.init(num_cpus=opts.workers or default_workers(), _system_config={"worker_niceness": 0}, **kwargs)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         where = opts.ray_address or "a local instance"
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
