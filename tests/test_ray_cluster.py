@@ -76,8 +76,8 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def _stop(marker: str) -> set[int]:
-    """SIGTERM the cluster's processes, SIGKILL what is left after 10 s; returns any still alive."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM the cluster's processes, SIGKILL what is left after 5 s; returns any still alive."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         pids = _alive(_cluster_processes(marker))
         for p in pids:
             try:
