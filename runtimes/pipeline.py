@@ -261,7 +261,7 @@ def measure_split(paths: Iterator[str], model: BatchModel, *, fast_jpeg: bool = 
 
     try:
         futs = [pool.submit(decode_many, pc, size, fast_jpeg) for pc in pieces] if pool is not None else []
-        counted, wall, cpu = 0, 0.0, 0.0
+        counted, cpu = 0, 0.0
         wall0, cpu0 = time.perf_counter(), time.thread_time()
         for p in probe:
             timing = counted == len(arrays) and (counted == 0 or time.perf_counter() - wall0 < max_seconds)
@@ -270,10 +270,10 @@ def measure_split(paths: Iterator[str], model: BatchModel, *, fast_jpeg: bool = 
             errors += err
             if timing:
                 counted += 1
-                wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
-        # CPU time resists a busy machine (and the helpers); wall time where the files made this thread
-        # wait (slow storage)
-        decode_s = (wall if wall > 2 * cpu else cpu) / counted
+                cpu = time.thread_time() - cpu0
+        # CPU time: what the work costs, whatever else the machine runs (wall time doubled under a load of
+        # 4 on 2 cores and flipped the choice); the split divides CPUs, so their time is what counts
+        decode_s = cpu / counted
         ok = [i for i, e in enumerate(errors) if e is None]
         probe_pixels = np.concatenate(arrays)
         if ok and time_model and model_threads <= 1:  # its CPU time is not disturbed by the helpers
