@@ -11,10 +11,13 @@ pickling, nothing to spawn from the bundle's predict.py); ``executor="process"``
 runtime is given one thread by the callers unless ``choose_split`` (below) finds the model the slower stage.
 
 How many decode workers and how many runtime threads: ``measure_split`` decodes the first few files on the
-calling thread and times the model on them (their pixels then feed the first batch: nothing is decoded
-twice); ``choose_split`` turns those per-image costs into the split that a simple model of the pipeline
-predicts fastest for the usable CPUs, with the fewest threads among near-ties. What the caller fixed
-(``--workers``, ``-O threads``, a tuned thread count) is kept; only the rest is chosen.
+calling thread (CPU time) and times the model on them, while helper threads decode the rest of the first
+batch (all of it then is the first batch: nothing is decoded twice); ``choose_split`` turns those
+per-image costs into the split that a simple model of the pipeline predicts fastest for the usable CPUs,
+with the fewest threads among near-ties. What the caller fixed (``--workers``, ``-O threads``, a tuned
+thread count) is kept; only the rest is chosen. Measured on 2 cores (300 photos, interleaved rounds):
+2 workers + 1 runtime thread 267 img/s, 1 + 1 182, 1 + 2 186, 2 + 2 243 (274 without ORT's spinning);
+for 128x96 JPEGs (model-bound) 1 worker + 2 threads without spinning 670 against 486 for 2 + 1.
 """
 
 from __future__ import annotations
@@ -201,7 +204,7 @@ def predicted_rate(workers: int, threads: int, decode_s: float, model_s: float, 
                    model_threads: int = 1, efficiency: float = PARALLEL_EFFICIENCY) -> float:
     """Images/s of the pipeline with ``workers`` decode workers and the model on ``threads`` threads: the
     slowest of the decode stage (one CPU per worker at most), the model stage, and the CPUs themselves
-    (every runtime thread counts as busy while the model runs: ORT's pool spins between operators)."""
+    (every runtime thread counts as busy while the model runs, as ORT's pool does while it spins)."""
     m = _model_wall(model_s, model_threads, threads, efficiency)
     decode_cap = min(workers, cpus) / max(decode_s, 1e-9)
     model_cap = 1 / max(m, 1e-9)
