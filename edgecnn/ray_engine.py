@@ -92,6 +92,9 @@ def predict_batch(batch, *, model: str, runtime: str | None, options: dict, top_
 
 
 # ------------------------------------------------------------------------------------------ on the driver
+_SETTINGS = ("enable_progress_bars", "print_on_execution_start", "op_resource_reservation_enabled")
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """A HOST:PORT (or ray://HOST:PORT) where nothing answers is one error line within ``timeout`` seconds:
     ``ray.init`` itself retries such an address for ever, printing a warning every few seconds."""
@@ -111,24 +114,33 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                                       "there?)") from None
 
 
+def start_local(num_cpus: int | None = None) -> None:
+    """Start the local Ray instance the engine runs on without --address (``ray.init``; a benchmark may
+    call it first to time Ray's start-up apart). ``num_cpus``: default one per usable core."""
+    import ray
+
+    from edgecnn.runtimes.pipeline import default_workers
+
+    # Ray runs its workers at nice 15 by default: behind any other work on the machine, where the local
+    # engine's threads run at the user's own priority; the same CPUs means the same priority
+    ray.init(num_cpus=num_cpus or default_workers(), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR, _system_config={"worker_niceness": 0})
+
+
 def _connect(opts) -> bool:
     """Join ``opts.ray_address`` or start a local instance, unless one is running; True when this call did."""
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if opts.ray_address:
         _check_reachable(opts.ray_address)
     try:
         if opts.ray_address:
-            ray.init(address=opts.ray_address, **kwargs)
+            ray.init(address=opts.ray_address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
         else:
-            from edgecnn.runtimes.pipeline import default_workers
-
-            # Ray runs its workers at nice 15 by default: behind any other work on the machine, where the
-            # local engine's threads run at the user's own priority; the same CPUs means the same priority
-            ray.init(num_cpus=opts.workers or default_workers(), _system_config={"worker_niceness": 0}, **kwargs)
+            start_local(opts.workers)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         where = opts.ray_address or "a local instance"
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -148,8 +160,10 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
     import ray.data
 
     started = _connect(opts)
+    ctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(ctx, k) for k in _SETTINGS}
+    saved_order = ctx.execution_options.preserve_order
     try:
-        ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows in input order, like the local engine
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -171,5 +185,8 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             yield table.to_pylist()
     finally:
+        for k, v in saved.items():  # the caller's Ray Data settings as they were
+            setattr(ctx, k, v)
+        ctx.execution_options.preserve_order = saved_order
         if started:
             ray.shutdown()
