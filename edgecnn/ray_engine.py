@@ -114,6 +114,16 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                                       "there?)") from None
 
 
+def _quiet() -> None:
+    """Ray's INFO lines, and its start-up WARNING about token authentication (a local instance edgecnn starts
+    and stops itself), would bury edgecnn's own summary: a successful run prints edgecnn's lines only. After
+    ``import ray.data``, which sets up its own logging."""
+    import ray.data  # noqa: F401
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
 def start_local(num_cpus: int | None = None) -> None:
     """Start the local Ray instance the engine runs on without --address (``ray.init``; a benchmark may
     call it first to time Ray's start-up apart). ``num_cpus``: default one per usable core."""
@@ -121,6 +131,7 @@ def start_local(num_cpus: int | None = None) -> None:
 
     from edgecnn.runtimes.pipeline import default_workers
 
+    _quiet()
     # Ray runs its workers at nice 15 by default: behind any other work on the machine, where the local
     # engine's threads run at the user's own priority; the same CPUs means the same priority
     ray.init(num_cpus=num_cpus or default_workers(), include_dashboard=False, log_to_driver=False,
@@ -148,17 +159,26 @@ def _connect(opts) -> bool:
     return True
 
 
+def _reason(e: BaseException) -> str:
+    """The user's exception line out of a RayTaskError's text (which holds both tracebacks), else its first line."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        m = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", ln)
+        if m and not m.group(1).startswith("ray."):
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+    return lines[0] if lines else type(e).__name__
+
+
 def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> Iterator[list[dict]]:
     """Rows for ``paths`` computed on Ray (an existing instance, ``opts.ray_address``, or a new local one)."""
     if not paths:
         return
-    # Ray's INFO lines, and its start-up WARNING about token authentication (a local instance edgecnn starts
-    # and stops itself), would bury edgecnn's own summary: a successful run prints edgecnn's lines only.
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     import ray
     import ray.data
 
+    _quiet()
     started = _connect(opts)
     ctx = ray.data.DataContext.get_current()
     saved = {k: getattr(ctx, k) for k in _SETTINGS}
@@ -182,8 +202,11 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
                 max_retries=2,  # a worker that dies (killed, out of memory) is retried twice, then the run fails
                 fn_kwargs={"model": os.path.abspath(model), "runtime": opts.runtime, "options": runtime_options,
                            "top_k": opts.top_k, "fast_jpeg": opts.fast_jpeg, "cwd": os.getcwd()})
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            yield table.to_pylist()
+        try:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                yield table.to_pylist()
+        except ray.exceptions.RayError as e:  # e.g. the model is not at that path on a worker node
+            raise RuntimeUnavailableError(f"the run on Ray failed: {_reason(e)}") from None
     finally:
         for k, v in saved.items():  # the caller's Ray Data settings as they were
             setattr(ctx, k, v)

@@ -294,6 +294,21 @@ def test_ray_engine_writes_the_same_rows_as_the_local_engine(folder, trained, ru
     json.dumps(b)  # plain values, no numpy scalars
 
 
+def test_a_model_a_ray_worker_cannot_open_is_one_error(folder, tmp_path, local_ray):
+    """As on a cluster whose nodes lack the model's path: the workers' exception, in one line, exit 3."""
+    from edgecnn import ray_engine
+    from edgecnn.bulk import BulkOptions
+    from edgecnn.errors import RuntimeUnavailableError
+
+    root, kinds = folder
+    with pytest.raises(RuntimeUnavailableError) as e:
+        list(ray_engine.predict_rows(sorted(kinds)[:3], str(tmp_path / "absent.onnx"), BulkOptions(engine="ray"),
+                                     {"threads": 1}))
+    assert e.value.exit_code == 3 and "\n" not in str(e.value)
+    assert str(e.value).startswith("the run on Ray failed: InvalidModelError: ") and "absent.onnx" in str(e.value)
+    assert local_ray.is_initialized()
+
+
 def test_fast_jpeg_decodes_at_reduced_scale_close_to_the_exact_path(tmp_path):
     from edgecnn.runtimes.preprocess import to_rgb_uint8
 
