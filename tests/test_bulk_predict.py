@@ -68,6 +68,18 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+def assert_same_rows(a: list[dict], b: list[dict], top_k: int, rtol: float = RTOL, atol: float = ATOL) -> None:
+    """Two engines' result rows: the same paths in the same order, the same labels and errors, and
+    probabilities equal within the fp32 tolerance."""
+    assert [x["path"] for x in a] == [x["path"] for x in b]  # same rows, same order
+    for x, y in zip(a, b, strict=True):
+        assert {k: v for k, v in x.items() if not k.startswith("prob_")} == \
+               {k: v for k, v in y.items() if not k.startswith("prob_")}
+        if x["error"] is None:
+            np.testing.assert_allclose([x[f"prob_{i}"] for i in range(1, top_k + 1)],
+                                       [y[f"prob_{i}"] for i in range(1, top_k + 1)], rtol=rtol, atol=atol)
+
+
 def _check_against_classifier(rows: list[dict], kinds: dict[str, str], model: Path) -> None:
     assert sorted(r["path"] for r in rows) == sorted(kinds)  # one row per file, each once
     good = [p for p, k in kinds.items() if k == GOOD]
@@ -283,13 +295,7 @@ def test_ray_engine_writes_the_same_rows_as_the_local_engine(folder, trained, ru
     assert r.exit_code == 1, r.output
     assert local_ray.is_initialized()  # the engine used the running instance and left it running
     a, b = _rows(local), _rows(remote)
-    assert [x["path"] for x in a] == [x["path"] for x in b]  # same rows, same order
-    for x, y in zip(a, b, strict=True):
-        assert {k: v for k, v in x.items() if not k.startswith("prob_")} == \
-               {k: v for k, v in y.items() if not k.startswith("prob_")}
-        if x["error"] is None:
-            np.testing.assert_allclose([x[f"prob_{i}"] for i in range(1, TOP_K + 1)],
-                                       [y[f"prob_{i}"] for i in range(1, TOP_K + 1)], rtol=RTOL, atol=ATOL)
+    assert_same_rows(a, b, TOP_K)
     _check_against_classifier(b, kinds, trained.onnx_dynamic)
     json.dumps(b)  # plain values, no numpy scalars
 

@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from edgecnn.runtimes.tables import iter_table
 from PIL import Image
+from test_bulk_predict import assert_same_rows
 
 from edgecnn.data import synthetic_dataset
 
@@ -154,13 +154,7 @@ def test_address_joins_the_cluster_and_writes_the_local_engines_rows(cluster, im
     _only_edgecnns_lines(r)
     assert set(temp.glob("session_*/logs/python-core-driver-*")) - drivers  # it ran as a job of that cluster
     a, b = _rows(local), _rows(remote)
-    assert [x["path"] for x in a] == [x["path"] for x in b]  # same rows, same order
-    for x, y in zip(a, b, strict=True):
-        assert {k: v for k, v in x.items() if not k.startswith("prob_")} == \
-               {k: v for k, v in y.items() if not k.startswith("prob_")}
-        if x["error"] is None:
-            np.testing.assert_allclose([x[f"prob_{i}"] for i in range(1, TOP_K + 1)],
-                                       [y[f"prob_{i}"] for i in range(1, TOP_K + 1)], rtol=1e-3, atol=1e-6)
+    assert_same_rows(a, b, TOP_K, rtol=1e-3, atol=1e-6)
     (row,) = [y for y in b if y["path"] == str(bad)]
     assert "not an image file" in row["error"] and row["label_1"] is None and row["prob_1"] is None
     assert sum(y["error"] is not None for y in b) == 1
