@@ -141,7 +141,7 @@ def test_bundle_predict_py_runs_the_tuned_threads_and_reads_a_broken_manifest_in
 
 def test_a_tuned_openvino_bundle_is_served_with_its_runtime_and_threads(trained, tmp_path):
     """The real server process: the bundle's tuned runtime (OpenVINO), threads and hint, shown in the metadata."""
-    pytest.importorskip("openvino")
+    import openvino  # noqa: F401 - the openvino extra is installed by CI: a broken install fails here
     from test_serve import Server
 
     folder = tmp_path / "model.tuned"
