@@ -681,15 +681,19 @@ def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, 
         from edgecnn.runtimes.cpu import usable_cpus
 
         typed["threads"] = max(1, usable_cpus() // instances)
+    adaptive = False
     if "spinning" not in typed:
-        # ORT's intra-op spinning burns CPU between requests (about 3x the server's CPU per request at low
-        # load): off when serving on ort-cpu unless -O spinning=... or the deploy.json/bundle sets it.
+        # ORT's intra-op spinning: back to back it cuts a batch-1 call by about a third and raises req/s at
+        # 32 clients; after a call it spins ~50 ms, so at 50 req/s it burns a core (24.5 ms of CPU per request
+        # against 2.6 without). Serving on ort-cpu, unless -O spinning=... or the deploy.json/bundle sets it,
+        # runs a spinning twin while calls come back to back and the non-spinning session after a pause.
         from edgecnn.runtimes.deploy import resolve
 
         d = resolve(model)
         if (runtime or d.runtime) == "ort-cpu" and "spinning" not in (d.options or {}):
             typed["spinning"] = False
-    served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, **typed)
+            adaptive = True
+    served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, adaptive_spinning=adaptive, **typed)
     try:
         counts = run_server(served, cfg, log=lambda s: click.echo(s, err=True))
     finally:

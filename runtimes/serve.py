@@ -79,13 +79,27 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _guarded_protocol(read_timeout_s: float):
+class RequestCount:
+    """Requests whose first bytes have arrived and whose answer is not sent yet, counted by the HTTP
+    protocol as bytes arrive (before the app's task for them runs): ``n``, at most one per connection."""
+
+    n = 0
+
+
+def _guarded_protocol(read_timeout_s: float, begun: RequestCount):
     """uvicorn's httptools protocol, plus a header timer: a connection that sends nothing, or only part of
-    a request's headers, within ``read_timeout_s`` is closed (uvicorn only times out idle keep-alives)."""
+    a request's headers, within ``read_timeout_s`` is closed (uvicorn only times out idle keep-alives).
+    It also keeps ``begun`` (the app runs a lone request inline only when no other one has begun)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_timer = None
+        _counted = False
+
+        def _uncount(self) -> None:
+            if self._counted:
+                self._counted = False
+                begun.n -= 1
 
         def _arm(self) -> None:
             if self._header_timer is None:
@@ -107,11 +121,19 @@ def _guarded_protocol(read_timeout_s: float):
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self._uncount()
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._arm()
+            if not self._counted:
+                self._counted = True
+                begun.n += 1
+
+        def on_response_complete(self) -> None:
+            self._uncount()
+            super().on_response_complete()
 
         def on_headers_complete(self) -> None:
             self._disarm()
@@ -179,7 +201,8 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     try:
         import httptools  # noqa: F401
 
-        http = _guarded_protocol(cfg.read_timeout_s)
+        app.begun = RequestCount()
+        http = _guarded_protocol(cfg.read_timeout_s, app.begun)
         _unavailable_with_retry_after()
     except ImportError:
         http = "h11"
@@ -212,7 +235,8 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
         log(f"edgecnn serve: note: {note}")
     log(f"edgecnn serve: listening on http://{shown}:{port} model {model.name!r} on {model.clf.runtime.describe()}; "
         f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s), "
-        f"queue {cfg.queue_rows} rows, {cfg.max_concurrency} requests at once, batching {model.batching}")
+        f"queue {cfg.queue_rows} rows, {cfg.max_concurrency} requests at once, batching {model.batching}"
+        + ("" if model.spinning is None else f", spinning {model.spinning if isinstance(model.spinning, str) else 'on' if model.spinning else 'off'}"))
     try:
         server.run(sockets=[sock])
     finally:
@@ -223,5 +247,6 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     m = app.metrics
     counts = {"accepted": m.accepted, "answered": m.answered, "dropped": m.gone, "died": app.fatal is not None}
     log(f"edgecnn serve: stopped; {m.accepted} inference requests accepted, {m.answered} answered, "
-        f"{m.gone} dropped (client gone)" + ("; the batcher died" if app.fatal is not None else ""))
+        f"{m.gone} dropped (client gone)" + ("; the batcher died" if app.fatal is not None else "")
+        + (f"; model calls: {model.hot_calls} spinning, {model.cold_calls} not" if model.spinning == "adaptive" else ""))
     return counts

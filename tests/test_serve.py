@@ -419,6 +419,39 @@ def test_served_model_from_a_bundle_a_deploy_config_and_without_relaxing(trained
         ServedModel(bundle)
 
 
+def test_adaptive_spinning_runs_back_to_back_calls_on_the_spinning_twin_with_the_same_logits(trained):
+    from edgecnn.runtimes.serve import ServeConfig, ServedModel
+    from edgecnn.runtimes.serve_model import HOT_GAP_S
+
+    x = np.random.default_rng(9).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    with Classifier(trained.onnx) as ref:
+        want = ref.run(x)
+    m = ServedModel(trained.onnx, spinning=False, adaptive_spinning=True)
+    try:
+        assert m.spinning == "adaptive" and m.metadata(ServeConfig())["parameters"]["spinning"] == "adaptive"
+        assert m.clf.runtime.spinning_used is False and m._hot.runtime.spinning_used is True
+        got = [m.run(x[:1])]  # the first call follows no other: without spinning
+        assert (m.cold_calls, m.hot_calls) == (1, 0)
+        got.append(m.run(x[1:2]))  # straight after the previous one: the spinning twin
+        assert m.hot_calls == 1
+        time.sleep(10 * HOT_GAP_S)
+        got.append(m.run(x[2:3]))  # after a pause: without spinning again
+        assert (m.cold_calls, m.hot_calls) == (2, 1)
+        time.sleep(10 * HOT_GAP_S)
+        batch = m.run(x)  # a batch formed (requests queued behind a call): the twin, even after a pause
+        assert m.hot_calls == 2
+        np.testing.assert_allclose(np.concatenate(got), want, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(batch, want, rtol=RTOL, atol=ATOL)
+    finally:
+        m.close()
+    for options in ({"spinning": True}, {}):  # spinning chosen (or left to the runtime): one session, no twin
+        m = ServedModel(trained.onnx, adaptive_spinning=True, **options)
+        try:
+            assert m._hot is None and m.spinning == m.clf.runtime.spinning_used
+        finally:
+            m.close()
+
+
 def test_an_unknown_output_is_refused_before_the_model_runs(server):
     x = np.zeros((2, 3, 64, 64), np.float32)
     body = json.loads(_json_infer(x))

@@ -460,3 +460,84 @@ def test_errors_share_one_base_with_a_status():
     assert isinstance(e, BatcherError) and e.status == 503 and e.retry_after == 3 and str(e) == "busy"
     with pytest.raises(ValueError):
         Batcher(lambda x: x, max_batch=0)
+
+
+class OnLoop(Fake):
+    """Fake for ``run_now``: records the thread of each call (run_now calls the model on the caller's thread)."""
+
+    def __init__(self, result=None, exc: BaseException | None = None) -> None:
+        super().__init__()
+        self.threads: list[threading.Thread] = []
+        self.result, self.exc = result, exc
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread())
+        self.calls.append(len(x))
+        if self.exc is not None:
+            raise self.exc
+        if (x[:, 0] == BLOCK).any():
+            assert self.gate.wait(5), "the test never opened the gate"
+        return x * 2 if self.result is None else self.result
+
+
+def test_run_now_runs_a_lone_request_on_the_calling_thread_and_counts_it_as_a_batch():
+    async def main():
+        fake, sizes, waits = OnLoop(), [], []
+        b = Batcher(fake, max_batch=4, on_batch=sizes.append, on_queue_wait=waits.append)
+        b.start()
+        x = rows(3)
+        out = b.run_now(x)
+        np.testing.assert_array_equal(out, x * 2)
+        assert fake.threads == [threading.current_thread()] and sizes == [3] and waits == [0.0]
+        assert b.running_batches == 0 and b._idle.is_set()
+        assert b.run_now(rows(5)) is None  # over max_batch: submit splits it
+        np.testing.assert_array_equal(await b.submit(rows(2, 7.0)), rows(2, 7.0) * 2)  # submit still works after
+        await b.stop()
+    run(main())
+
+
+def test_run_now_declines_while_a_call_runs_or_rows_are_queued():
+    async def main():
+        fake = OnLoop()
+        b = Batcher(fake, max_batch=4)
+        b.start()
+        task = asyncio.ensure_future(b.submit(blocker()))
+        await until(lambda: len(fake.calls) >= 1)  # the blocked call runs on the worker thread
+        assert b.run_now(rows(1)) is None
+        queued = asyncio.ensure_future(b.submit(rows(1)))
+        await asyncio.sleep(0)
+        assert b.queued_rows == 1 and b.run_now(rows(1)) is None
+        fake.gate.set()
+        await task
+        np.testing.assert_array_equal(await queued, rows(1) * 2)
+        assert all(t is not threading.current_thread() for t in fake.threads)  # none of those ran here
+        await b.stop()
+    run(main())
+
+
+def test_run_now_failures_are_the_requests_own_and_a_base_exception_is_death():
+    async def main():
+        inf = np.array([[1.0, np.inf, 0.0]], np.float32)
+        b = Batcher(OnLoop(result=inf), max_batch=4)
+        b.start()
+        with pytest.raises(RowsFailedError, match="not finite"):
+            b.run_now(rows(1))
+        b2 = Batcher(OnLoop(exc=ValueError("bad in /tmp/x/y/model.onnx")), max_batch=4)
+        b2.start()
+        with pytest.raises(RowsFailedError, match="<path>") as e:
+            b2.run_now(rows(1))
+        assert "/tmp/x" not in str(e.value) and b2.healthy  # the path is hidden; the batcher lives on
+        died: list[BaseException] = []
+        b3 = Batcher(OnLoop(exc=SystemExit(3)), max_batch=4, on_death=died.append)
+        b3.start()
+        with pytest.raises(BatcherDeadError):
+            b3.run_now(rows(1))
+        assert not b3.healthy and len(died) == 1
+        with pytest.raises(BatcherDeadError):
+            await b3.submit(rows(1))
+        b3.close_to_new()
+        with pytest.raises(ShuttingDownError):
+            b.close_to_new() or b.run_now(rows(1))
+        for x in (b, b2):
+            await x.stop()
+    run(main())
