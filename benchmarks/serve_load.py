@@ -126,28 +126,90 @@ def answer_logits(headers: dict, body: bytes) -> np.ndarray | None:
         return None
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict, bytes]:
-    """One HTTP/1.1 response: Content-Length-framed or chunked."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        k, sep, v = line.partition(b":")
-        if sep:
-            headers[k.strip().lower()] = v.strip()
-    if b"content-length" in headers:
-        return status, headers, await reader.readexactly(int(headers[b"content-length"]))
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, then the blank line
-                    pass
-                return status, headers, b"".join(parts)
-            parts.append((await reader.readexactly(size + 2))[:-2])
-    raise ValueError("response with neither Content-Length nor chunked encoding")
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 client connection with one request in flight. An asyncio Protocol that parses
+    the response from its own buffer: about half the client CPU per request of StreamReader's readuntil +
+    readexactly, and the client shares the machine's cores with the server it measures."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done():
+            try:
+                r = self._response()
+            except ValueError as e:
+                self.waiter.set_exception(e)
+                return
+            if r is not None:
+                self.waiter.set_result(r)
+
+    def connection_lost(self, exc) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed before the whole response"))
+
+    def _response(self) -> tuple[int, dict, bytes] | None:
+        """The buffered response once it is whole (Content-Length-framed or chunked), else None."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        lines = bytes(buf[:end]).split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            k, sep, v = line.partition(b":")
+            if sep:
+                headers[k.strip().lower()] = v.strip()
+        start = end + 4
+        if b"content-length" in headers:
+            stop = start + int(headers[b"content-length"])
+            if len(buf) < stop:
+                return None
+            body = bytes(buf[start:stop])
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts, pos = [], start
+            while True:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    return None
+                size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+                if size == 0:
+                    stop = buf.find(b"\r\n\r\n", eol)  # the trailers end with a blank line
+                    if stop < 0:
+                        return None
+                    stop += 4
+                    break
+                if len(buf) < eol + 2 + size + 2:
+                    return None
+                parts.append(bytes(buf[eol + 2: eol + 2 + size]))
+                pos = eol + 2 + size + 2
+            body = b"".join(parts)
+        else:
+            raise ValueError("response with neither Content-Length nor chunked encoding")
+        del buf[:stop]
+        return status, headers, body
+
+    async def request(self, data: bytes) -> tuple[int, dict, bytes]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        r = self._response() if self.buf else None  # a response that came before it was asked for
+        if r is not None:
+            self.waiter.set_result(r)
+        return await self.waiter
+
+
+def close_enough(got: np.ndarray | None, want: np.ndarray) -> bool:
+    """np.allclose(got, want, RTOL, ATOL) (NaN is never close), at a fraction of its cost per answer."""
+    if got is None or got.size != want.size:
+        return False
+    return bool(np.all(np.abs(got - want) <= ATOL + RTOL * np.abs(want)))
 
 
 # ------------------------------------------------------------------------------------------ the load generator
@@ -164,13 +226,15 @@ class PhaseStats:
 
 
 async def _client(port: int, requests: list[bytes], expected: list[np.ndarray], st: PhaseStats) -> None:
-    reader = writer = None
+    loop = asyncio.get_running_loop()
+    conn: _Connection | None = None
+    wants = [e.ravel() for e in expected]
     i = 0
     try:
         while time.perf_counter() < st.t_end and st.sent < MAX_REQUESTS_PER_PHASE:
-            if writer is None:
+            if conn is None:
                 try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
                 except OSError:
                     st.errors += 1
                     st.statuses["connect"] = st.statuses.get("connect", 0) + 1
@@ -181,33 +245,29 @@ async def _client(port: int, requests: list[bytes], expected: list[np.ndarray], 
             st.sent += 1
             t0 = time.perf_counter()
             try:
-                writer.write(requests[k])
-                status, headers, body = await read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                status, headers, body = await conn.request(requests[k])
+            except (OSError, ValueError):  # ConnectionError is an OSError
                 st.errors += 1
                 st.statuses["transport"] = st.statuses.get("transport", 0) + 1
-                writer.close()
-                reader = writer = None
+                conn.transport.close()
+                conn = None
                 continue
             t1 = time.perf_counter()
             if status != 200:
                 st.errors += 1
                 st.statuses[str(status)] = st.statuses.get(str(status), 0) + 1
-            else:
-                got = answer_logits(headers, body)
-                want = expected[k].ravel()
-                if got is None or got.size != want.size or not np.allclose(got, want, rtol=RTOL, atol=ATOL):
-                    st.wrong += 1
+            elif not close_enough(answer_logits(headers, body), wants[k]):
+                st.wrong += 1
             if t0 >= st.t_measure:
                 st.lat.append(t1 - t0)
             if st.t_measure <= t1 <= st.t_end:
                 st.completed_in_window += 1
             if headers.get(b"connection", b"").lower() == b"close":
-                writer.close()
-                reader = writer = None
+                conn.transport.close()
+                conn = None
     finally:
-        if writer is not None:
-            writer.close()
+        if conn is not None:
+            conn.transport.close()
 
 
 async def _load(port: int, per_client: list[tuple[list[bytes], list[np.ndarray]]], warmup: float,
@@ -585,8 +645,9 @@ def run(a) -> dict:
             "mlserver": mlserver_info, "server_exit": exits, "server_log_tail": logs, "notes": notes,
             "failures": failures,
             "offline": off, "rows": rows,
-            "client": "one asyncio process (uvloop when installed), pre-encoded HTTP/1.1 requests, one keep-alive "
-                      "connection per client, batch-1 requests back to back"}
+            "client": "one asyncio process (uvloop when installed; an asyncio Protocol per connection parsing "
+                      "responses from its own buffer), pre-encoded HTTP/1.1 requests, one keep-alive connection "
+                      "per client, batch-1 requests back to back"}
 
 
 def _metric_deltas(m0: dict, m1: dict) -> dict:
