@@ -51,7 +51,9 @@ INPUTS_PER_CLIENT = 4
 MAX_REQUESTS_PER_PHASE = 200_000
 PHASE_GRACE_S = 15.0  # a client still waiting this long after its phase ended is cancelled (counted as an error)
 RTOL, ATOL = 1e-3, 1e-5
-SERVE_SPINNING = False  # `edgecnn serve` turns ORT's intra-op spinning off on ort-cpu (edgecnn/cli.py serve)
+# `edgecnn serve` on ort-cpu runs a spinning twin of its session while calls come back to back (adaptive
+# spinning, runtimes/serve_model.py): under load it runs spinning sessions, and so does the MLServer peer.
+SERVE_SPINNING = True
 MLSERVER_INSTALL = ("python3 -m venv .venv-mlserver && .venv-mlserver/bin/pip install mlserver==1.7.1 "
                     "onnxruntime numpy httptools")
 
@@ -476,7 +478,8 @@ def _timed_calls(fn, seconds: float, max_calls: int = 100_000) -> np.ndarray:
 
 def offline(ceiling, served, x: np.ndarray, jpegs: list[bytes], seconds: float, image: bool) -> dict:
     """In this process: ``ceiling`` is the runtime with its default session options (the servers' thread
-    count), ``served`` the session options `edgecnn serve` uses (spinning off); both on the relaxed model."""
+    count), ``served`` the session options `edgecnn serve` uses under load (its spinning twin); both on the
+    relaxed model."""
     from PIL import Image
 
     batch = np.ascontiguousarray(np.concatenate([x] * (OFFLINE_BATCH // len(x) + 1))[:OFFLINE_BATCH])

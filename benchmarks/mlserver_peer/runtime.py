@@ -5,7 +5,7 @@ nothing from edgecnn. serve_load.py copies this file into the model folder it gi
 and points model-settings.json at ``runtime.OnnxPeer``, with:
 
 - ``parameters.uri``: the ONNX file (the batch-relaxed copy `edgecnn serve` runs, so a batch is one call);
-- ``parameters.extra.threads`` / ``spinning``: the session options `edgecnn serve` uses on ort-cpu
+- ``parameters.extra.threads`` / ``spinning``: the session options `edgecnn serve` uses on ort-cpu under load
   (intra-op threads, intra-op spinning), so both servers run the same session configuration;
 - ``max_batch_size`` / ``max_batch_time``: MLServer's adaptive batching, which merges the queued
   requests into one InferenceRequest before ``predict`` sees it and splits the response afterwards.
