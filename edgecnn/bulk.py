@@ -40,7 +40,8 @@ class BulkSummary:
     done: int = 0  # rows written by this run
     failed: int = 0  # of them, rows with an error
     skipped: int = 0  # already in the output (--resume)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the run's time, Ray's start-up and shutdown excluded
+    ray_overhead_seconds: float = 0.0  # joining or starting Ray, and shutting down the instance it started
     failures: list[str] = field(default_factory=list)  # the first few "path: reason"
     split: dict = field(default_factory=dict)  # decode workers and runtime threads used, and why (Split.as_dict)
 
@@ -124,7 +125,11 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
                 if opts.engine == "ray":
                     from . import ray_engine
 
-                    batches = ray_engine.predict_rows(list(paths), str(model), opts, runtime_options(opts, tuned))
+                    def overhead(seconds: float) -> None:
+                        summary.ray_overhead_seconds += seconds
+
+                    batches = ray_engine.predict_rows(list(paths), str(model), opts, runtime_options(opts, tuned),
+                                                      on_overhead=overhead)
                 else:
                     from edgecnn.runtimes.pipeline import predict_rows
 
@@ -159,7 +164,7 @@ def run(model: str | os.PathLike, inputs: Sequence[str], output: str | None, opt
                                              if r["error"] is not None][: max(0, 3 - len(summary.failures))]
         finally:
             summary.done, summary.failed = progress.done, progress.failed
-            summary.seconds = time.perf_counter() - start
+            summary.seconds = max(0.0, time.perf_counter() - start - summary.ray_overhead_seconds)
             progress.close()
             if table is not None:
                 table.close()

@@ -549,8 +549,10 @@ def predict(model, images, top_k, runtime, isolate, options, output, resume, for
         sys.exit(130)
     if output or progress:
         skipped = f", {s.skipped:,} already in {output}" if s.skipped else ""
+        ray = (f"; Ray start-up and shutdown {s.ray_overhead_seconds:.1f} s more, not in the rate"
+               if s.ray_overhead_seconds >= 0.05 else "")
         click.echo(f"edgecnn: {s.done:,} images in {s.seconds:.1f} s ({s.rate:,.0f} img/s), {s.failed:,} failed"
-                   f"{skipped}" + (f" -> {output}" if output else ""), err=True)
+                   f"{skipped}" + (f" -> {output}" if output else "") + ray, err=True)
     if s.failed:
         first = "; ".join(s.failures[:3]).replace("\n", "\\n").replace("\r", "\\r")
         click.echo(f"edgecnn: error: {s.failed:,} of {s.done:,} images could not be read ({first}"

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import MissingDependencyError, RuntimeUnavailableError
 
@@ -171,15 +172,21 @@ def _reason(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> Iterator[list[dict]]:
-    """Rows for ``paths`` computed on Ray (an existing instance, ``opts.ray_address``, or a new local one)."""
+def predict_rows(paths: list[str], model: str, opts, runtime_options: dict,
+                 on_overhead: Callable[[float], None] | None = None) -> Iterator[list[dict]]:
+    """Rows for ``paths`` computed on Ray (an existing instance, ``opts.ray_address``, or a new local one).
+    ``on_overhead(seconds)`` is called with the time spent joining or starting Ray, and again with the
+    time its shutdown took when this call started the instance (a caller keeps both out of its rate)."""
     if not paths:
         return
     import ray
     import ray.data
 
     _quiet()
+    t = time.perf_counter()
     started = _connect(opts)
+    if on_overhead is not None:
+        on_overhead(time.perf_counter() - t)
     ctx = ray.data.DataContext.get_current()
     saved = {k: getattr(ctx, k) for k in _SETTINGS}
     saved_order = ctx.execution_options.preserve_order
@@ -212,4 +219,7 @@ def predict_rows(paths: list[str], model: str, opts, runtime_options: dict) -> I
             setattr(ctx, k, v)
         ctx.execution_options.preserve_order = saved_order
         if started:
+            t = time.perf_counter()
             ray.shutdown()
+            if on_overhead is not None:
+                on_overhead(time.perf_counter() - t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -340,9 +341,18 @@ def test_a_successful_ray_run_prints_only_edgecnns_own_lines(trained, tmp_path):
 
     for i, img in enumerate(synthetic_dataset(2, seed=9).images):
         Image.fromarray(img).save(root / f"{i}.png")
+    t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "edgecnn.cli", "predict", str(trained.onnx_dynamic), str(root),
                         "--engine", "ray", "--workers", "1", "-o", str(tmp_path / "o.csv")],
                        capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines and all(ln.startswith("edgecnn:") for ln in lines), r.stderr
+    # Ray's start-up and shutdown (seconds: a new local instance) are said apart, and not in the rate
+    m = re.search(r"(\d+) images in ([\d.]+) s \(([\d,]+) img/s\).*Ray start-up and shutdown ([\d.]+) s more, "
+                  r"not in the rate", lines[-1])
+    assert m, lines[-1]
+    n, run_s, rate, ray_s = int(m[1]), float(m[2]), float(m[3].replace(",", "")), float(m[4])
+    assert n == len(list(root.glob("*.png"))) and ray_s >= 0.5 and run_s + ray_s <= wall
+    assert rate >= 0.9 * n / (run_s + 0.05)  # over the run's own seconds (shown to 0.1 s), not Ray's
