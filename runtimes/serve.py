@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from edgecnn.errors import InvalidInputError, MissingDependencyError
 
-from .serve_app import App, HTTPError, Metrics  # noqa: F401 - re-exported
+from .serve_app import GONE_CALLBACK, App, HTTPError, Metrics  # noqa: F401 - re-exported
 from .serve_model import (  # noqa: F401 - re-exported
     IMAGES_INPUT,
     MAX_REQUEST_PIXELS,
@@ -122,6 +122,11 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount):
         def connection_lost(self, exc) -> None:
             self._disarm()
             self._uncount()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                leave = cycle.scope.get(GONE_CALLBACK)  # a request waiting for the model: its rows are dropped
+                if leave is not None:
+                    leave()
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:

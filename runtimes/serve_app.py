@@ -28,6 +28,7 @@ log = logging.getLogger("edgecnn.serve")
 EXTENSIONS = ["binary_tensor_data", "classification"]
 INLINE_BODY_BYTES = 64 << 10  # bodies up to this size are parsed on the loop (cheaper than a thread hop)
 INLINE_ROWS = 4  # a request of at most this many rows that finds no other in progress runs on the loop
+GONE_CALLBACK = "edgecnn.on_connection_lost"  # scope key: what serve.py's protocol calls when the client leaves
 
 
 class HTTPError(Exception):
@@ -347,14 +348,14 @@ class App:
         if unknown:  # refused before the model runs for it
             raise HTTPError(400, f"unknown output {unknown[0]!r}; this model has {', '.join(m.outputs)}")
         x = await self._model_input(req)
-        logits = await self._submit(x, receive)
+        logits = await self._submit(x, receive, scope)
         resp, json_len = encode_infer_response(m.name, MODEL_VERSION, req.id, self._outputs(req, logits))
         self.metrics.latency.observe(time.perf_counter() - t0)
         if json_len is None:
             return 200, resp, {}
         return 200, resp, {"content-type": b"application/octet-stream", "inference-header-content-length": json_len}
 
-    async def _submit(self, x: np.ndarray, receive) -> np.ndarray:
+    async def _submit(self, x: np.ndarray, receive, scope) -> np.ndarray:
         """The batcher's answer for ``x``; a client that disconnects meanwhile has its queued rows dropped."""
         if self.batcher is None:
             raise ShuttingDownError("the server is not running")
@@ -368,13 +369,19 @@ class App:
         me = asyncio.current_task()
         gone: list[bool] = []
 
-        async def watch() -> None:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                gone.append(True)
-                me.cancel()
+        def leave() -> None:
+            gone.append(True)
+            me.cancel()
 
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watcher = None
+        if begun is not None:  # serve.py's HTTP protocol calls this when the connection is lost: no task
+            scope[GONE_CALLBACK] = leave
+        else:  # another HTTP protocol: a task waits for http.disconnect
+            async def watch() -> None:
+                if (await receive())["type"] == "http.disconnect":
+                    leave()
+
+            watcher = asyncio.get_running_loop().create_task(watch())
         try:
             return await self.batcher.submit(x)
         except asyncio.CancelledError:
@@ -384,7 +391,9 @@ class App:
                 raise _Gone from None
             raise
         finally:
-            watcher.cancel()
+            scope.pop(GONE_CALLBACK, None)
+            if watcher is not None:
+                watcher.cancel()
 
     async def _model_input(self, req) -> np.ndarray:
         t = self.model.the_input(req)
