@@ -6,10 +6,11 @@ import asyncio
 import logging
 import math
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -136,6 +137,9 @@ class Batcher:
         self._on_batch, self._on_queue_wait, self._on_death = on_batch, on_queue_wait, on_death
         self._pool = ThreadPoolExecutor(self.instances, thread_name_prefix="edgecnn-batch")
         self._queue: deque[_Req] = deque()
+        # The queue and each request's ``taken`` count are shared with the instances' threads, which take the
+        # next rows themselves when a call ends (``_work``): every change to them holds this lock.
+        self._lock = threading.Lock()
         self._live: set[_Req] = set()  # submitted and not answered yet
         self.queued_rows = 0  # rows queued and not yet handed to a call
         self.running_batches = 0  # model calls (or re-runs after a failed call) in flight
@@ -175,8 +179,9 @@ class Batcher:
         loop = self._loop
         assert loop is not None
         req = _Req(x, loop.create_future(), loop.time())
-        self._queue.append(req)
-        self.queued_rows += n
+        with self._lock:
+            self._queue.append(req)
+            self.queued_rows += n
         self._live.add(req)
         self._pump()
         try:
@@ -265,16 +270,21 @@ class Batcher:
         assert loop is not None
         q = self._queue
         while self.running_batches < self.instances and self.queued_rows and self.healthy:
-            while q[0].taken == q[0].n:  # cancelled or failed requests left at the head
-                q.popleft()
-            if (self.max_delay_s > 0 and self.running_batches and self.queued_rows < self.max_batch
-                    and not self._closed):
-                wait = q[0].t0 + self.max_delay_s - loop.time()
-                if wait > 5e-4:
-                    if self._timer is None:
-                        self._timer = loop.call_later(wait, self._on_timer)
-                    return
-            pieces, rows = self._take()
+            with self._lock:
+                while q and q[0].taken == q[0].n:  # cancelled or failed requests left at the head
+                    q.popleft()
+                if not q:
+                    return  # an instance's thread took the rows meanwhile
+                if (self.max_delay_s > 0 and self.running_batches and self.queued_rows < self.max_batch
+                        and not self._closed):
+                    wait = q[0].t0 + self.max_delay_s - loop.time()
+                    if wait > 5e-4:
+                        if self._timer is None:
+                            self._timer = loop.call_later(wait, self._on_timer)
+                        return
+                pieces, rows = self._take()
+            if not rows:
+                return
             self.running_batches += 1
             self._launch(pieces, rows)
 
@@ -288,7 +298,7 @@ class Batcher:
             self._timer = None
 
     def _take(self) -> tuple[list[_Piece], int]:
-        """Up to ``max_batch`` queued rows, oldest first, as pieces of requests."""
+        """Up to ``max_batch`` queued rows, oldest first, as pieces of requests (the caller holds the lock)."""
         q, cap = self._queue, self.max_batch
         pieces: list[_Piece] = []
         rows = 0
@@ -308,27 +318,54 @@ class Batcher:
         return pieces, rows
 
     def _launch(self, pieces: list[_Piece], rows: int, todo: list[list[_Piece]] | None = None) -> None:
-        """Starts a call on a worker thread; ``_landed`` takes its result on the loop (no task, no extra hop).
-        ``todo``: the groups of requests still to re-run on this instance after a failed call."""
+        """Starts a call on an instance's thread; ``_landed`` takes each result on the loop (no task, no extra
+        hop). ``todo``: the groups of requests still to re-run on this instance after a failed call."""
         if self._on_batch is not None:
             self._on_batch(rows)
-        loop, t = self._loop, time.perf_counter()
         try:
-            cf = self._pool.submit(self._run, _gather(pieces))
-        except Exception as e:  # noqa: BLE001 - e.g. rows that do not stack: isolated like a failed call
-            cf = Future()
-            cf.set_exception(e)
-        cf.add_done_callback(lambda f: _soon(loop, self._landed, f, pieces, rows, t, todo))
+            self._pool.submit(self._work, pieces, rows, todo)
+        except RuntimeError as e:  # the pool is shut down (the batcher died meanwhile)
+            self._landed(None, e, pieces, rows, time.perf_counter(), todo, False)
 
-    def _landed(self, f: Future, pieces: list[_Piece], rows: int, t: float, todo: list | None) -> None:
+    def _work(self, pieces: list[_Piece], rows: int, todo: list | None) -> None:
+        """On an instance's thread: runs the call and hands its result to the loop. Then, when it succeeded and
+        rows are queued, it takes them itself and runs them at once: the loop may be busy parsing or
+        answering other requests, and the model does not wait for it (not during the re-runs that isolate
+        a failed request, ``todo``; never with ``max_delay_s``, whose wait is the loop's to decide)."""
+        loop = self._loop
+        while True:
+            t = time.perf_counter()
+            try:
+                out, exc = _checked(self._run(_gather(pieces)), rows), None
+            except BaseException as e:  # noqa: BLE001 - handed to the loop, which isolates or dies
+                out, exc = None, e
+            more: tuple[list[_Piece], int] | None = None
+            hook_error: BaseException | None = None
+            # Not after a failure, nor after non-finite rows: the loop answers those first (a failed request's
+            # rows still queued are dropped then, never run).
+            if (exc is None and todo is None and self.max_delay_s == 0 and self.healthy and self.queued_rows
+                    and (out.dtype.kind not in "fc" or np.isfinite(out).all())):
+                try:
+                    with self._lock:
+                        more = self._take() if self.healthy else None
+                    if more is not None and not more[1]:
+                        more = None
+                    if more is not None and self._on_batch is not None:
+                        self._on_batch(more[1])
+                except BaseException as e:  # noqa: BLE001 - a failing hook is the batcher's death, on the loop
+                    hook_error = e
+            going_on = more is not None and hook_error is None
+            _soon(loop, self._landed, out, exc, pieces, rows, t, todo, going_on, hook_error)
+            if not going_on:
+                return
+            pieces, rows = more
+
+    def _landed(self, out, exc, pieces: list[_Piece], rows: int, t: float, todo: list | None,
+                still_running: bool, hook_error: BaseException | None = None) -> None:
+        """A call's result, on the loop. ``still_running``: the instance went on with the next rows itself;
+        ``hook_error``: a hook failed on the instance's thread (the batcher's death, once this is answered)."""
         try:
             self._call_s += 0.2 * (time.perf_counter() - t - self._call_s)
-            exc = RuntimeError("the model call was cancelled") if f.cancelled() else f.exception()
-            if exc is None:
-                try:
-                    out = _checked(f.result(), rows)
-                except Exception as e:  # noqa: BLE001
-                    exc = e
             if exc is None:
                 self._deliver(pieces, out)
             elif not isinstance(exc, Exception):
@@ -338,13 +375,19 @@ class Batcher:
                 todo = [*(todo or ()), pieces[mid:], pieces[:mid]]
             else:
                 self._fail(pieces[0][0], _model_failed(exc))
+            if still_running:
+                return
             while todo and self.healthy:
                 group = [p for p in todo.pop() if not p[0].fut.done()]
                 if group:  # the same instance runs it next
                     self._launch(group, sum(b - a for _, a, b in group), todo)
                     return
+            if hook_error is not None:
+                raise hook_error
         except BaseException as e:  # noqa: BLE001 - a failure here must not leave callers waiting forever
             self._die(e)
+            if still_running:
+                return
         self._release()
 
     def _release(self) -> None:
@@ -384,8 +427,9 @@ class Batcher:
 
     def _retire(self, r: _Req) -> None:
         """Drops the rows of ``r`` not yet handed to a call (they stay in the queue, skipped)."""
-        self.queued_rows -= r.n - r.taken
-        r.taken = r.n
+        with self._lock:
+            self.queued_rows -= r.n - r.taken
+            r.taken = r.n
         r.buf = None
 
     def _dead_error(self) -> BatcherDeadError:
@@ -401,8 +445,9 @@ class Batcher:
         log.error("the inference batcher died: %s: %s", self._death, one_line(exc), exc_info=exc)
         for r in list(self._live):
             self._fail(r, self._dead_error())
-        self._queue.clear()
-        self.queued_rows = 0
+        with self._lock:
+            self._queue.clear()
+            self.queued_rows = 0
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._idle.set()
         if self._on_death is not None:

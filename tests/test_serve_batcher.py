@@ -541,3 +541,51 @@ def test_run_now_failures_are_the_requests_own_and_a_base_exception_is_death():
         for x in (b, b2):
             await x.stop()
     run(main())
+
+
+def test_an_instance_runs_the_queued_rows_itself_when_its_call_ends_while_the_loop_is_busy():
+    async def main():
+        fake = Fake()
+        sizes: list[int] = []
+        b = Batcher(fake, max_batch=8, on_batch=sizes.append)
+        b.start()
+        first = await occupy(b, fake)  # a blocked call holds the one instance
+        later = [asyncio.ensure_future(b.submit(rows(1, 10.0 * i))) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        assert b.queued_rows == 3
+        threading.Timer(0.05, fake.gate.set).start()
+        time.sleep(0.5)  # the loop is busy (as when it parses requests): it cannot start the next call
+        assert fake.calls == [1, 3] and sizes == [1, 3] and b.queued_rows == 0  # the instance's thread did
+        assert b.running_batches == 1  # still the one instance: no second call was launched beside it
+        await first
+        for i, t in enumerate(later, 1):
+            np.testing.assert_array_equal(await t, rows(1, 10.0 * i) * 2)
+        await until(lambda: b.running_batches == 0)
+        await b.stop()
+    run(main())
+
+
+def test_a_hook_failing_on_an_instances_thread_is_death_and_nobody_waits_for_ever():
+    async def main():
+        fake = Fake()
+        deaths: list = []
+        calls = []
+
+        def hook(n: int) -> None:
+            calls.append(n)
+            if len(calls) == 2:  # the call the instance's thread takes itself
+                raise RuntimeError("metrics broke")
+
+        b = Batcher(fake, max_batch=8, on_batch=hook, on_death=deaths.append)
+        b.start()
+        first = await occupy(b, fake)
+        later = [asyncio.ensure_future(b.submit(rows(1))) for _ in range(2)]
+        await asyncio.sleep(0)
+        fake.gate.set()
+        np.testing.assert_array_equal(await first, blocker() * 2)  # answered before the death
+        for t in later:
+            with pytest.raises(BatcherDeadError):
+                await t
+        assert not b.healthy and len(deaths) == 1 and isinstance(deaths[0], RuntimeError)
+        await b.stop()
+    run(main())
