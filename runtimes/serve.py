@@ -241,7 +241,7 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     log(f"edgecnn serve: listening on http://{shown}:{port} model {model.name!r} on {model.clf.runtime.describe()}; "
         f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s), "
         f"queue {cfg.queue_rows} rows, {cfg.max_concurrency} requests at once, batching {model.batching}"
-        + ("" if model.spinning is None else f", spinning {model.spinning if isinstance(model.spinning, str) else 'on' if model.spinning else 'off'}"))
+        + ("" if model.spinning is None else f", spinning {model.spinning_text}"))
     try:
         server.run(sockets=[sock])
     finally:

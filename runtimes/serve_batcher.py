@@ -81,6 +81,11 @@ def _checked(out: object, rows: int) -> np.ndarray:
     return out
 
 
+def _all_finite(out: np.ndarray) -> bool:
+    """True unless a float output holds NaN or Inf (integer outputs are always finite)."""
+    return out.dtype.kind not in "fc" or bool(np.isfinite(out).all())
+
+
 def _soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
     try:
         loop.call_soon_threadsafe(callback, *args)
@@ -226,7 +231,7 @@ class Batcher:
             self.running_batches -= 1
             if not self.running_batches:
                 self._idle.set()
-        if out.dtype.kind in "fc" and not np.isfinite(out).all():
+        if not _all_finite(out):
             raise RowsFailedError(NOT_FINITE)
         return out
 
@@ -344,7 +349,7 @@ class Batcher:
             # Not after a failure, nor after non-finite rows: the loop answers those first (a failed request's
             # rows still queued are dropped then, never run).
             if (exc is None and todo is None and self.max_delay_s == 0 and self.healthy and self.queued_rows
-                    and (out.dtype.kind not in "fc" or np.isfinite(out).all())):
+                    and _all_finite(out)):
                 try:
                     with self._lock:
                         more = self._take() if self.healthy else None
@@ -368,6 +373,8 @@ class Batcher:
             self._call_s += 0.2 * (time.perf_counter() - t - self._call_s)
             if exc is None:
                 self._deliver(pieces, out)
+                if hook_error is not None:  # only after a success, never with re-runs
+                    raise hook_error
             elif not isinstance(exc, Exception):
                 raise exc  # SystemExit, KeyboardInterrupt... from the model: the batcher's death
             elif len(pieces) > 1:  # isolate the failing request(s): re-run both halves, first half first
@@ -382,8 +389,6 @@ class Batcher:
                 if group:  # the same instance runs it next
                     self._launch(group, sum(b - a for _, a, b in group), todo)
                     return
-            if hook_error is not None:
-                raise hook_error
         except BaseException as e:  # noqa: BLE001 - a failure here must not leave callers waiting forever
             self._die(e)
             if still_running:
@@ -399,7 +404,7 @@ class Batcher:
 
     def _deliver(self, pieces: list[_Piece], out: np.ndarray) -> None:
         finite: np.ndarray | None = None
-        if out.dtype.kind in "fc" and not np.isfinite(out).all():
+        if not _all_finite(out):
             finite = np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1)
         i = 0
         for r, a, b in pieces:

@@ -84,6 +84,12 @@ class ServedModel:
         """What the model calls spin: "adaptive" with a spinning twin, else the runtime's own setting."""
         return "adaptive" if self._hot is not None else getattr(self.clf.runtime, "spinning_used", None)
 
+    @property
+    def spinning_text(self) -> str:
+        """``spinning`` in words: adaptive, on, off or unknown."""
+        s = self.spinning
+        return s if isinstance(s, str) else "unknown" if s is None else "on" if s else "off"
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """One model call (the batcher's ``run``; thread-safe). With adaptive spinning a call of several rows
         (a batch formed: requests queued while the last call ran) or one that starts within HOT_GAP_S of the
