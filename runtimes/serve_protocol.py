@@ -10,6 +10,12 @@ classification extension (``"classification": k`` on an output) returns BYTES
 that is valid base64 of an image file (PNG, JPEG, GIF, BMP, WEBP, TIFF magic) is that file, any other
 string is its own UTF-8 bytes (Triton's reading). ``Content-Encoding: gzip`` / ``deflate`` bodies are
 inflated up to the body size limit (``inflate``).
+
+JSON bodies are read with simdjson when ``pysimdjson`` is installed (the ``serve`` extra has it): a
+float input's ``data`` goes straight from the parser into a float64 buffer, with no Python object per
+number, which is 2-3x cheaper than orjson plus ``np.asarray`` for a batch-1 image. Anything the
+fast path does not take (a document simdjson refuses, a non-float datatype, an element that is not
+a number) is read the orjson way, so its errors and values are the same either way.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
+
+try:  # optional: the fast JSON reader for float tensors (see the module docstring)
+    import simdjson as _simdjson
+except ImportError:  # pragma: no cover - the serve extra installs it
+    _simdjson = None
 
 from edgecnn.errors import InvalidInputError
 
@@ -122,11 +133,52 @@ def bytes_element(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")
 
 
+_FLOAT_TYPES = ("FP32", "FP64", "FP16")
+
+
+def _plain(v, keep_array: bool = False):
+    """A simdjson value -> the Python value orjson would have given (an array kept as its proxy if asked)."""
+    if isinstance(v, _simdjson.Object):
+        return v.as_dict()
+    if isinstance(v, _simdjson.Array):
+        return v if keep_array else v.as_list()
+    return v
+
+
+def _simd_request(view) -> dict | None:
+    """The request as Python values except each input's 'data' array, left as a simdjson proxy that
+    ``_json_input`` reads in one go; None where simdjson does not take the document (orjson decides)."""
+    try:
+        doc = _simdjson.Parser().parse(view)  # a parser per call: proxies never outlive their parser's reuse
+        if not isinstance(doc, _simdjson.Object):
+            return None
+        req = {}
+        for k in doc.keys():  # keys and [] keep proxies; items() would convert every value
+            v = doc[k]
+            if k == "inputs" and isinstance(v, _simdjson.Array):
+                req[k] = [{kk: _plain(spec[kk], keep_array=kk == "data") for kk in spec.keys()}
+                          if isinstance(spec, _simdjson.Object) else _plain(spec) for spec in v]
+            else:
+                req[k] = _plain(v)
+        return req
+    except (ValueError, TypeError, RuntimeError, UnicodeDecodeError, MemoryError, RecursionError):
+        return None
+
+
 def _json_input(spec: dict, name: str, datatype: str, shape: tuple[int, ...]):
     count = math.prod(shape)
     if "data" not in spec:
         raise ProtocolError(f"input {name!r}: no 'data' and no binary_data_size")
     data = spec["data"]
+    if _simdjson is not None and isinstance(data, _simdjson.Array):
+        if datatype in _FLOAT_TYPES:
+            try:  # every element a number (any nesting, flattened in order, as Triton reads it)
+                flat = np.frombuffer(data.as_buffer(of_type="d"), np.float64)
+            except (ValueError, TypeError, RuntimeError):
+                flat = None
+            if flat is not None and flat.size == count:
+                return flat.astype(NUMPY_OF[datatype]).reshape(shape)
+        data = data.as_list()  # the checks below say what is wrong, as for an orjson read
     if not isinstance(data, list):
         raise ProtocolError(f"input {name!r}: 'data' must be a list")
     if datatype == "BYTES":
@@ -191,10 +243,13 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError(f"Inference-Header-Content-Length {json_len} is outside the body ({len(body)} bytes)")
     else:
         json_len = len(body)
-    try:
-        req = orjson.loads(body if json_len == len(body) else memoryview(body)[:json_len])
-    except (orjson.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
-        raise ProtocolError("the request is not a JSON object (binary data needs Inference-Header-Content-Length)") from None
+    head = body if json_len == len(body) else memoryview(body)[:json_len]
+    req = _simd_request(head) if _simdjson is not None else None
+    if req is None:
+        try:
+            req = orjson.loads(head)
+        except (orjson.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
+            raise ProtocolError("the request is not a JSON object (binary data needs Inference-Header-Content-Length)") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise ProtocolError("the request needs a non-empty 'inputs' list")
     params = req.get("parameters") or {}
