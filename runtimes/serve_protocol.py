@@ -134,6 +134,7 @@ def bytes_element(s: str) -> bytes:
 
 
 _FLOAT_TYPES = ("FP32", "FP64", "FP16")
+SIMD_MIN_BYTES = 4096  # a smaller JSON part (a binary request's header) is cheaper to read with orjson
 
 
 def _plain(v, keep_array: bool = False):
@@ -244,7 +245,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     else:
         json_len = len(body)
     head = body if json_len == len(body) else memoryview(body)[:json_len]
-    req = _simd_request(head) if _simdjson is not None else None
+    req = _simd_request(head) if _simdjson is not None and json_len >= SIMD_MIN_BYTES else None
     if req is None:
         try:
             req = orjson.loads(head)

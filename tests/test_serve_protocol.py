@@ -14,6 +14,7 @@ simdjson = pytest.importorskip("simdjson")
 
 def _both(body: bytes, monkeypatch) -> tuple:
     """(result or error text) of parse_infer_request with simdjson, then with orjson only."""
+    monkeypatch.setattr(sp, "SIMD_MIN_BYTES", 0)  # small documents too take the simdjson reading here
     out = []
     for reader in (simdjson, None):
         monkeypatch.setattr(sp, "_simdjson", reader)
@@ -77,6 +78,7 @@ def test_documents_simdjson_refuses_get_the_same_answer_as_before(body, monkeypa
 
 def test_a_json_header_before_binary_data_is_read_by_either_reader(monkeypatch):
     x = np.arange(12, dtype=np.float32).reshape(1, 12)
+    monkeypatch.setattr(sp, "SIMD_MIN_BYTES", 0)
     head = json.dumps({"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 12],
                                    "parameters": {"binary_data_size": 48}},
                                   {"name": "b", "datatype": "FP32", "shape": [2], "data": [0.5, 1.5]}]}).encode()
