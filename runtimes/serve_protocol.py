@@ -153,12 +153,23 @@ def _simd_request(view) -> dict | None:
         doc = _simdjson.Parser().parse(view)  # a parser per call: proxies never outlive their parser's reuse
         if not isinstance(doc, _simdjson.Object):
             return None
+        keys = list(doc.keys())  # keys and [] keep proxies; items() would convert every value
+        if len(set(keys)) != len(keys):
+            return None  # [] finds a repeated key's first value, orjson keeps its last: orjson decides
         req = {}
-        for k in doc.keys():  # keys and [] keep proxies; items() would convert every value
+        for k in keys:
             v = doc[k]
             if k == "inputs" and isinstance(v, _simdjson.Array):
-                req[k] = [{kk: _plain(spec[kk], keep_array=kk == "data") for kk in spec.keys()}
-                          if isinstance(spec, _simdjson.Object) else _plain(spec) for spec in v]
+                specs = []
+                for spec in v:
+                    if not isinstance(spec, _simdjson.Object):
+                        specs.append(_plain(spec))
+                        continue
+                    sk = list(spec.keys())
+                    if len(set(sk)) != len(sk):
+                        return None
+                    specs.append({kk: _plain(spec[kk], keep_array=kk == "data") for kk in sk})
+                req[k] = specs
             else:
                 req[k] = _plain(v)
         return req

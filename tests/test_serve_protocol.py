@@ -76,6 +76,18 @@ def test_documents_simdjson_refuses_get_the_same_answer_as_before(body, monkeypa
     assert (k1, fast) == (k2, slow) and k1 == "error"
 
 
+@pytest.mark.parametrize("body", [
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], '
+    b'"inputs": [{"name": "y", "datatype": "FP32", "shape": [2], "data": [2, 3]}]}',
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "data": [7]}]}',
+])
+def test_repeated_keys_keep_the_last_value_as_orjson_does(body, monkeypatch):
+    (k1, fast), (k2, slow) = _both(body, monkeypatch)
+    assert k1 == k2 == "ok"
+    assert [(t.name, t.data.tolist()) for t in fast.inputs] == [(t.name, t.data.tolist()) for t in slow.inputs]
+    assert fast.inputs[0].data.tolist() in ([2.0, 3.0], [7.0])
+
+
 def test_a_json_header_before_binary_data_is_read_by_either_reader(monkeypatch):
     x = np.arange(12, dtype=np.float32).reshape(1, 12)
     monkeypatch.setattr(sp, "SIMD_MIN_BYTES", 0)
