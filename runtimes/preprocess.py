@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def _open(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
         with Image.open(p) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise InvalidInputError(f"{p}: image too large ({im.width}x{im.height})")
+            if im.format == "PNG":
+                png = _png_rgb8(p)
+                if png is not None:
+                    return png
             if draft and im.format == "JPEG":
                 # libjpeg scales by 1/2, 1/4 or 1/8 while decoding (DCT domain), never below draft x draft.
                 im.draft("RGB", (draft, draft))
@@ -76,6 +81,59 @@ def _open(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidInputError(f"{p}: {unreadable_reason(p, e)}") from None
+
+
+# pyspng (the optional ``fast-decode`` extra) for 8-bit RGB PNGs on every path; False until looked up, None if missing.
+_PYSPNG: object = False
+
+
+def _pyspng():
+    global _PYSPNG
+    if _PYSPNG is False:
+        try:
+            import pyspng
+        except ImportError:  # not installed: Pillow decodes every PNG
+            pyspng = None
+        _PYSPNG = pyspng
+    return _PYSPNG
+
+
+def _png_chunks_ok(data: bytes) -> bool:
+    """Every chunk of a PNG inside the file with its CRC right, ending in IEND (libspng as pyspng calls it
+    does not refuse a damaged file the way Pillow does: such a file goes to Pillow, which says why)."""
+    view, pos, end = memoryview(data), 8, len(data)
+    while pos + 12 <= end:
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        if pos + 12 + length > end:
+            return False
+        if zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(view[pos + 8 + length:pos + 12 + length], "big"):
+            return False
+        if view[pos + 4:pos + 8] == b"IEND":
+            return True
+        pos += 12 + length
+    return False
+
+
+def _png_rgb8(path: Path) -> Image.Image | None:
+    """An 8-bit RGB, non-interlaced PNG decoded by libspng (pyspng): PNG is lossless, so its pixels are
+    Pillow's bit for bit, at about half Pillow's cost (benchmarks/bulk_predict.py's photos). None, and
+    Pillow decodes, for any other PNG, a damaged one, or without pyspng."""
+    spng = _pyspng()
+    if spng is None:
+        return None
+    data = path.read_bytes()
+    # IHDR right after the signature: bit depth 8, colour type 2 (RGB), interlace 0
+    if len(data) < 33 or data[12:16] != b"IHDR" or data[24] != 8 or data[25] != 2 or data[28] != 0:
+        return None
+    if not _png_chunks_ok(data):
+        return None
+    try:
+        a = spng.load(data, format="RGB")
+    except (RuntimeError, ValueError):
+        return None
+    if a.dtype != np.uint8 or a.shape != (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"), 3):
+        return None
+    return Image.fromarray(a)  # uint8 HxWx3: RGB
 
 
 # simplejpeg (the optional ``fast-decode`` extra) for --fast-decode; False until first looked up, None if missing.
