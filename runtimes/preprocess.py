@@ -83,24 +83,25 @@ def _open(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
         raise InvalidInputError(f"{p}: {unreadable_reason(p, e)}") from None
 
 
-# pyspng (the optional ``fast-decode`` extra) for 8-bit RGB PNGs on every path; False until looked up, None if missing.
-_PYSPNG: object = False
+# imagecodecs' libspng (the optional ``fast-decode`` extra) for 8-bit RGB PNGs on every path; False until looked
+# up, None if missing. Its decode releases the GIL, so decode threads run it side by side (pyspng's does not).
+_SPNG: object = False
 
 
-def _pyspng():
-    global _PYSPNG
-    if _PYSPNG is False:
+def _spng_decode():
+    global _SPNG
+    if _SPNG is False:
         try:
-            import pyspng
+            from imagecodecs import spng_decode
         except ImportError:  # not installed: Pillow decodes every PNG
-            pyspng = None
-        _PYSPNG = pyspng
-    return _PYSPNG
+            spng_decode = None
+        _SPNG = spng_decode
+    return _SPNG
 
 
 def _png_chunks_ok(data: bytes) -> bool:
-    """Every chunk of a PNG inside the file with its CRC right, ending in IEND (libspng as pyspng calls it
-    does not refuse a damaged file the way Pillow does: such a file goes to Pillow, which says why)."""
+    """Every chunk of a PNG inside the file with its CRC right, ending in IEND (libspng as imagecodecs calls it
+    does not refuse every damaged file that Pillow refuses: such a file goes to Pillow, which says why)."""
     view, pos, end = memoryview(data), 8, len(data)
     while pos + 12 <= end:
         length = int.from_bytes(view[pos:pos + 4], "big")
@@ -115,11 +116,11 @@ def _png_chunks_ok(data: bytes) -> bool:
 
 
 def _png_rgb8(path: Path) -> Image.Image | None:
-    """An 8-bit RGB, non-interlaced PNG decoded by libspng (pyspng): PNG is lossless, so its pixels are
-    Pillow's bit for bit, at about half Pillow's cost (benchmarks/bulk_predict.py's photos). None, and
-    Pillow decodes, for any other PNG, a damaged one, or without pyspng."""
-    spng = _pyspng()
-    if spng is None:
+    """An 8-bit RGB, non-interlaced PNG decoded by libspng (imagecodecs): PNG is lossless, so its pixels are
+    Pillow's bit for bit, at about 60% of Pillow's cost (benchmarks/bulk_predict.py's photos). None, and
+    Pillow decodes, for any other PNG, a damaged one, or without imagecodecs."""
+    decode = _spng_decode()
+    if decode is None:
         return None
     data = path.read_bytes()
     # IHDR right after the signature: bit depth 8, colour type 2 (RGB), interlace 0
@@ -128,8 +129,8 @@ def _png_rgb8(path: Path) -> Image.Image | None:
     if not _png_chunks_ok(data):
         return None
     try:
-        a = spng.load(data, format="RGB")
-    except (RuntimeError, ValueError):
+        a = decode(data)
+    except Exception:  # noqa: BLE001 - imagecodecs' own error types: Pillow's path says what is wrong
         return None
     if a.dtype != np.uint8 or a.shape != (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"), 3):
         return None

@@ -1,4 +1,4 @@
-"""8-bit RGB PNGs decoded by libspng (pyspng) give Pillow's pixels bit for bit; every other PNG, and every
+"""8-bit RGB PNGs decoded by libspng (imagecodecs) give Pillow's pixels bit for bit; every other PNG, and every
 damaged one, is Pillow's, with Pillow's reasons. No torch."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 pp = importlib.import_module("edgecnn.runtimes.preprocess")
-pyspng = pytest.importorskip("pyspng")
+spng_decode = pytest.importorskip("imagecodecs").spng_decode
 from edgecnn.errors import InvalidInputError  # noqa: E402
 
 
@@ -57,10 +57,10 @@ def _variants(tmp_path) -> dict:
 
 
 def _both(path, monkeypatch):
-    """to_rgb_uint8(path) with pyspng, then without: each a (kind, value) pair."""
+    """to_rgb_uint8(path) with libspng, then without: each a (kind, value) pair."""
     got = []
-    for mod in (pyspng, None):
-        monkeypatch.setattr(pp, "_PYSPNG", mod)
+    for decode in (spng_decode, None):
+        monkeypatch.setattr(pp, "_SPNG", decode)
         try:
             got.append(("ok", pp.to_rgb_uint8(path)))
         except InvalidInputError as e:
@@ -74,7 +74,7 @@ def test_pngs_decode_to_pillows_pixels_and_only_8_bit_rgb_takes_libspng(tmp_path
         assert k1 == k2 == "ok", name
         assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape == (64, 64, 3), name
         assert np.array_equal(a, b), name
-        monkeypatch.setattr(pp, "_PYSPNG", pyspng)
+        monkeypatch.setattr(pp, "_SPNG", spng_decode)
         took = pp._png_rgb8(path)
         assert (took is not None) == name.startswith("rgb8"), name
         if took is not None:  # the full-size pixels too, before the resize
@@ -96,7 +96,7 @@ def test_a_damaged_png_gets_pillows_answer_with_or_without_libspng(tmp_path, mon
     else:
         data[29] ^= 0xFF  # IHDR's CRC
     path.write_bytes(bytes(data))
-    monkeypatch.setattr(pp, "_PYSPNG", pyspng)
+    monkeypatch.setattr(pp, "_SPNG", spng_decode)
     assert pp._png_rgb8(path) is None  # never libspng's reading of a damaged file
     (k1, a), (k2, b) = _both(path, monkeypatch)
     assert k1 == k2
