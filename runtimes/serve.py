@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from edgecnn.errors import InvalidInputError, MissingDependencyError
 
-from .serve_app import GONE_CALLBACK, App, HTTPError, Metrics  # noqa: F401 - re-exported
+from .serve_app import GONE_CALLBACK, GONE_FLAG, App, HTTPError, Metrics  # noqa: F401 - re-exported
 from .serve_model import (  # noqa: F401 - re-exported
     IMAGES_INPUT,
     MAX_REQUEST_PIXELS,
@@ -127,6 +127,8 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount):
                 leave = cycle.scope.get(GONE_CALLBACK)  # a request waiting for the model: its rows are dropped
                 if leave is not None:
                     leave()
+                else:  # still being read, parsed or decoded: the app drops it before it is queued
+                    cycle.scope[GONE_FLAG] = True
             super().connection_lost(exc)
 
         def on_message_begin(self) -> None:

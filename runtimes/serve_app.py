@@ -29,6 +29,7 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 INLINE_BODY_BYTES = 64 << 10  # bodies up to this size are parsed on the loop (cheaper than a thread hop)
 INLINE_ROWS = 4  # a request of at most this many rows that finds no other in progress runs on the loop
 GONE_CALLBACK = "edgecnn.on_connection_lost"  # scope key: what serve.py's protocol calls when the client leaves
+GONE_FLAG = "edgecnn.connection_lost"  # scope key: set by serve.py's protocol when it left with no GONE_CALLBACK set
 
 
 class HTTPError(Exception):
@@ -359,6 +360,10 @@ class App:
         """The batcher's answer for ``x``; a client that disconnects meanwhile has its queued rows dropped."""
         if self.batcher is None:
             raise ShuttingDownError("the server is not running")
+        if scope.get(GONE_FLAG):  # the client left while its body was parsed or its images decoded: never queued
+            self.metrics.dropped.inc()
+            self.metrics.gone += 1
+            raise _Gone
         begun = self.begun
         # A lone small request runs at once, on the loop: no other request in progress here, nor begun on
         # any connection (its bytes may have arrived while its task has not run yet).

@@ -270,7 +270,10 @@ def test_a_client_that_leaves_while_queued_has_its_rows_dropped(slow):
     body, headers = _binary_request(np.ones((3, 3, 64, 64), np.float32))
     head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
     leaver.sendall(f"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
-    time.sleep(0.1)  # read and queued behind the blocker
+    deadline = time.monotonic() + 10  # accepted (its body read) behind the blocker, then the client leaves:
+    while _metric(slow, "edgecnn_requests_in_flight") < 2 and time.monotonic() < deadline:  # queued or still
+        time.sleep(0.005)  # being parsed, its rows must never run either way
+    assert blocker.is_alive()
     leaver.close()
     blocker.join(60)
     assert box["r"][0] == 200
@@ -280,6 +283,63 @@ def test_a_client_that_leaves_while_queued_has_its_rows_dropped(slow):
     assert _metric(slow, "edgecnn_requests_dropped_total") == dropped + 1
     rows, _ = _batch_stats(slow)
     assert rows - before_rows == 640  # the blocker's rows only: the leaver's 3 never ran
+
+
+def test_a_request_whose_client_left_while_it_was_parsed_is_never_queued(trained):
+    """The protocol marks the scope when the connection is lost before the request reached the batcher
+    (GONE_FLAG); the app then drops it, counted, without running its rows or answering."""
+    import asyncio
+
+    from edgecnn.runtimes.serve import ServeConfig, ServedModel
+    from edgecnn.runtimes.serve_app import GONE_FLAG, App
+
+    model = ServedModel(trained.onnx)
+    ran: list[int] = []
+    real_run = model.run
+    model.run = lambda x: ran.append(len(x)) or real_run(x)
+    app = App(model, ServeConfig(port=0))
+    body, headers = _binary_request(np.ones((2, 3, 64, 64), np.float32))
+    raw_headers = [(b"content-length", str(len(body)).encode())] + [
+        (k.lower().encode(), str(v).encode()) for k, v in headers.items()]
+
+    async def main() -> tuple[list, list]:
+        life_in: asyncio.Queue = asyncio.Queue()
+        life_out: list = []
+
+        async def life_send(m):
+            life_out.append(m)
+
+        life = asyncio.create_task(app({"type": "lifespan"}, life_in.get, life_send))
+        await life_in.put({"type": "lifespan.startup"})
+        while not life_out:
+            await asyncio.sleep(0.01)
+        answers = []
+        for gone in (True, False):
+            msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive(msgs=msgs):
+                return msgs.pop() if msgs else await asyncio.sleep(30)
+
+            async def send(m, gone=gone):
+                answers.append((gone, m))
+
+            scope = {"type": "http", "method": "POST", "path": "/v2/models/model/infer", "headers": raw_headers}
+            if gone:
+                scope[GONE_FLAG] = True
+            await asyncio.wait_for(app(scope, receive, send), 20)
+        await life_in.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(life, 20)
+        return answers, life_out
+
+    try:
+        answers, life_out = asyncio.run(main())
+    finally:
+        model.close()
+    assert [m["type"] for m in life_out] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert not [m for gone, m in answers if gone]  # the one whose client left: no answer
+    assert ran == [2]  # only the other request's 2 rows reached the model
+    assert [m.get("status") for gone, m in answers if m["type"] == "http.response.start"] == [200]
+    assert app.metrics.gone == 1
 
 
 def test_protocol_gzip_deflate_405_allow_metadata_and_raw_string_bytes(small, clf):
