@@ -355,4 +355,5 @@ def test_a_successful_ray_run_prints_only_edgecnns_own_lines(trained, tmp_path):
     assert m, lines[-1]
     n, run_s, rate, ray_s = int(m[1]), float(m[2]), float(m[3].replace(",", "")), float(m[4])
     assert n == len(list(root.glob("*.png"))) and ray_s >= 0.5 and run_s + ray_s <= wall
-    assert rate >= 0.9 * n / (run_s + 0.05)  # over the run's own seconds (shown to 0.1 s), not Ray's
+    # over the run's own seconds, not Ray's: shown to 0.1 s, and the rate to a whole image/s
+    assert n / (run_s + 0.05) - 0.5 <= rate <= n / max(run_s - 0.05, 1e-3) + 0.5
