@@ -104,6 +104,11 @@ class Metrics:
         self.accepted = self.answered = self.gone = 0
         self._children: dict[tuple[str, int], list] = {}
 
+    def client_gone(self) -> None:
+        """One accepted request dropped because its client left (both the exported and the summary count)."""
+        self.dropped.inc()
+        self.gone += 1
+
     def count(self, endpoint: str, status: int) -> None:
         """One answered request (the labelled counters are looked up once per endpoint and status)."""
         key = (endpoint, status)
@@ -361,8 +366,7 @@ class App:
         if self.batcher is None:
             raise ShuttingDownError("the server is not running")
         if scope.get(GONE_FLAG):  # the client left while its body was parsed or its images decoded: never queued
-            self.metrics.dropped.inc()
-            self.metrics.gone += 1
+            self.metrics.client_gone()
             raise _Gone
         begun = self.begun
         # A lone small request runs at once, on the loop: no other request in progress here, nor begun on
@@ -391,8 +395,7 @@ class App:
             return await self.batcher.submit(x)
         except asyncio.CancelledError:
             if gone:
-                self.metrics.dropped.inc()
-                self.metrics.gone += 1
+                self.metrics.client_gone()
                 raise _Gone from None
             raise
         finally:
