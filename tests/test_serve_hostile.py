@@ -449,3 +449,94 @@ def test_a_dead_batcher_answers_503_and_the_process_exits_1(trained, tmp_path):
     text = log.read_text()
     assert rc == 1, text
     assert "batcher died" in text and "Traceback" not in text, text
+
+
+class _Recorder:
+    def __init__(self):
+        self.writes, self.closed = [], False
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+
+class _Cycle:
+    response_started = False
+
+
+def test_one_write_sends_headers_and_body_together_and_passes_everything_else_through():
+    from edgecnn.runtimes.serve import _OneWrite
+
+    t, c = _Recorder(), _Cycle()
+    w = _OneWrite(t, c)
+    w.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response starts: at once
+    assert t.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    c.response_started = True
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+    assert len(t.writes) == 1  # the headers are held ...
+    w.write(b"body")
+    assert t.writes[1] == b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"  # ... and go out with the body
+    w.write(b"more")  # a later chunk: at once
+    assert t.writes[2] == b"more" and not w.is_closing()
+    big = b"x" * (1 << 17)
+    t2, c2 = _Recorder(), _Cycle()
+    w2 = _OneWrite(t2, c2)
+    c2.response_started = True
+    w2.write(b"HEAD")
+    w2.write(big)  # a big body is not copied: two writes, in order
+    assert t2.writes == [b"HEAD", big]
+    t3, c3 = _Recorder(), _Cycle()
+    w3 = _OneWrite(t3, c3)
+    c3.response_started = True
+    w3.write(b"HTTP/1.1 500\r\n\r\n")
+    w3.close()  # an app that fails after the headers: they are flushed before the close
+    assert t3.writes == [b"HTTP/1.1 500\r\n\r\n"] and t3.closed
+
+
+def _read_response(sock: socket.socket, deadline: float) -> tuple[bytes, bytes]:
+    """One response off ``sock``: (head, body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf or len(buf) < buf.index(b"\r\n\r\n") + 4 + int(
+            re.search(rb"content-length: (\d+)", buf.split(b"\r\n\r\n")[0], re.I).group(1)):
+        assert time.monotonic() < deadline, buf
+        chunk = sock.recv(1 << 16)
+        assert chunk, buf
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_responses_keep_their_headers_with_head_100_continue_and_keep_alive(small, clf):
+    x = np.random.default_rng(16).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    body, headers = _binary_request(x)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    infer = (f"POST /v2/models/model/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
+             ).encode() + body
+    deadline = time.monotonic() + 30
+    with socket.create_connection(("127.0.0.1", small.port), timeout=10) as s:
+        for _ in range(3):  # keep-alive: three answers on one connection, each complete
+            s.sendall(infer)
+            head, got = _read_response(s, deadline)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            _check_answer(got, clf.run(x))
+        s.sendall(b"HEAD /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n")  # HEAD: headers only, no body write
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            assert time.monotonic() < deadline, buf
+            buf += s.recv(1 << 16)
+        assert buf.startswith(b"HTTP/1.1 405") and b"\r\nallow: GET\r\n" in buf and buf.endswith(b"\r\n\r\n")
+        s.sendall(infer.replace(b"\r\n\r\n", b"\r\nexpect: 100-continue\r\n\r\n", 1).split(b"\r\n\r\n")[0]
+                  + b"\r\n\r\n")
+        buf = b""
+        while b"100 Continue" not in buf:
+            assert time.monotonic() < deadline, buf
+            buf += s.recv(1 << 16)
+        s.sendall(body)
+        head, got = _read_response(s, deadline)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        _check_answer(got, clf.run(x))
