@@ -148,6 +148,7 @@ class App:
                                                thread_name_prefix="edgecnn-decode")
         self._metadata: bytes | None = None
         self.begun = None  # serve.RequestCount when the HTTP protocol keeps it (else nothing runs inline)
+        self.untasked = 0  # inference requests accepted by infer_without_task
 
     # ---- ASGI entry ---------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:
@@ -355,11 +356,121 @@ class App:
             raise HTTPError(400, f"unknown output {unknown[0]!r}; this model has {', '.join(m.outputs)}")
         x = await self._model_input(req)
         logits = await self._submit(x, receive, scope)
+        return self._ok(req, logits, t0)
+
+    def _ok(self, req, logits: np.ndarray, t0: float) -> tuple[int, bytes, dict]:
+        m = self.model
         resp, json_len = encode_infer_response(m.name, MODEL_VERSION, req.id, self._outputs(req, logits))
         self.metrics.latency.observe(time.perf_counter() - t0)
         if json_len is None:
             return 200, resp, {}
         return 200, resp, {"content-type": b"application/octet-stream", "inference-header-content-length": json_len}
+
+    # ---- the same work without a task -----------------------------------------------------------
+    def infer_without_task(self, scope, body: bytes, header_len: str | None, reply):
+        """What ``_infer`` does for the common request, called by serve.py's HTTP protocol as soon as the
+        request's last byte arrives, with no task, no ASGI messages and no awaits: a valid tensor request
+        (parsed on the loop) within every limit. For anything else (an error of any kind, images to decode, a
+        limit reached) it returns False having changed nothing, and the caller runs the ASGI app, which
+        answers it, so errors keep one path and one table. Else the request is accepted: ``reply(status, body,
+        headers)`` is called once with its answer (a lone small request runs on the loop, as in ``_submit``),
+        or with status None when there is nothing to send (the client left: its rows not yet run are dropped;
+        or the shutdown's grace period cancelled it). Returns a future that is done when the request is over
+        (the caller counts it as a running task: a graceful shutdown waits for it, and may cancel it)."""
+        b = self.batcher
+        held = len(body)
+        if (b is None or not b.healthy or self._active >= self.cfg.max_concurrency
+                or self._body_bytes + held > self._body_budget or scope.get(GONE_FLAG)):
+            return False
+        m = self.model
+        try:
+            req = parse_infer_request(body, header_len)
+            if req.outputs is not None and any(w.name not in m.outputs for w in req.outputs):
+                return False
+            t = m.the_input(req)
+            if t.name == IMAGES_INPUT:
+                return False
+            x = m.tensor_input(t)
+        except Exception:  # noqa: BLE001 - the ASGI path answers it
+            return False
+        n = x.shape[0] if x.ndim else 0
+        if n == 0 or (b.queued_rows and b.queued_rows + n > b.max_queue_rows):
+            return False
+        t0 = time.perf_counter()
+        met = self.metrics
+        self._active += 1
+        self._body_bytes += held
+        met.accepted += 1
+        self.untasked += 1
+        scope["edgecnn.accepted"] = True
+        scope["edgecnn.endpoint"] = "infer"
+        met.in_flight.inc()
+        loop = asyncio.get_running_loop()
+        # Done when the request is over; the protocol counts it as a running task (a graceful shutdown waits
+        # for it, and cancels it when its grace period runs out: then the request is dropped, as a task's is).
+        tracker = loop.create_future()
+        queued = []  # the batcher's request, once enqueued
+
+        def done(answer: tuple[int, bytes, dict] | None) -> None:
+            if scope.pop(GONE_CALLBACK, None) is None:
+                return  # over already
+            self._active -= 1
+            self._body_bytes -= held
+            met.in_flight.dec()
+            if queued:
+                b.settle(queued[0], drop=answer is None)
+            if not tracker.done():
+                tracker.set_result(None)
+            if answer is None:
+                reply(None, b"", {})
+                return
+            met.count("infer", answer[0])
+            reply(*answer)
+            met.answered += 1
+
+        def failed(e: BaseException) -> tuple[int, bytes, dict]:
+            status, msg, headers = error_answer(e)
+            return status, orjson.dumps({"error": msg}), headers
+
+        def leave() -> None:  # serve.py's protocol: the connection was lost; rows not yet run never run
+            met.client_gone()
+            done(None)
+
+        def answered(fut: asyncio.Future) -> None:
+            if fut.cancelled():
+                done(None)
+                return
+            exc = fut.exception()
+            try:
+                done(failed(exc) if exc is not None else self._ok(req, fut.result(), t0))
+            except Exception as e:  # noqa: BLE001 - an encoding failure is answered through the table too
+                done(failed(e))
+
+        def start() -> None:
+            if GONE_CALLBACK not in scope:
+                return  # the client left, or the shutdown cancelled it, before it started
+            begun = self.begun
+            try:
+                # A lone small request runs at once, on the loop, as in _submit. This runs one loop pass after
+                # its last byte arrived, so ``begun`` counts every request whose bytes came in the same pass.
+                if begun is not None and begun.n <= 1 and self._active <= 1 and n <= INLINE_ROWS:
+                    out = b.run_now(x)
+                    if out is not None:
+                        done(self._ok(req, out, t0))
+                        return
+                queued.append(b.enqueue(x))
+            except Exception as e:  # noqa: BLE001 - answered through the one table
+                done(failed(e))
+                return
+            queued[0].fut.add_done_callback(answered)
+
+        scope[GONE_CALLBACK] = leave
+        tracker.add_done_callback(lambda f: done(None) if f.cancelled() else None)
+        if n <= INLINE_ROWS and self.begun is not None and not b.running_batches and not b.queued_rows:
+            loop.call_soon(start)
+        else:
+            start()
+        return tracker
 
     async def _submit(self, x: np.ndarray, receive, scope) -> np.ndarray:
         """The batcher's answer for ``x``; a client that disconnects meanwhile has its queued rows dropped."""

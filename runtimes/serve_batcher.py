@@ -167,6 +167,19 @@ class Batcher:
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
         """Runs ``x`` (rows on the first axis) through the model; returns its output rows, in order."""
+        req = self.enqueue(x)
+        try:
+            return await req.fut
+        except asyncio.CancelledError:
+            self._retire(req)  # the client is gone: its rows not yet run never run
+            raise
+        finally:
+            self._live.discard(req)
+
+    def enqueue(self, x: np.ndarray) -> _Req:
+        """``submit`` without a task: queues ``x`` and returns its request, whose ``fut`` gets the output rows
+        (or the error). The caller calls ``settle(req)`` once that future is done, or ``settle(req, drop=True)``
+        when it no longer wants the answer (its rows not yet run never run). Raises as ``submit`` does."""
         if not self.healthy:
             raise self._dead_error()
         if self._closed:
@@ -189,13 +202,13 @@ class Batcher:
             self.queued_rows += n
         self._live.add(req)
         self._pump()
-        try:
-            return await req.fut
-        except asyncio.CancelledError:
-            self._retire(req)  # the client is gone: its rows not yet run never run
-            raise
-        finally:
-            self._live.discard(req)
+        return req
+
+    def settle(self, req: _Req, drop: bool = False) -> None:
+        """The end of an ``enqueue``: its answer was taken, or (``drop``) it is not wanted any more."""
+        if drop:
+            self._retire(req)
+        self._live.discard(req)
 
     def run_now(self, x: np.ndarray) -> np.ndarray | None:
         """Runs ``x`` at once on the calling thread (the event loop) when nothing runs and nothing is queued,

@@ -296,6 +296,28 @@ def test_cancelled_submit_never_reaches_the_model():
     run(main())
 
 
+def test_enqueue_without_a_task_answers_on_the_future_and_a_dropped_one_never_runs():
+    async def main():
+        fake = Fake()
+        b = Batcher(fake, max_batch=8)
+        held = await occupy(b, fake)
+        gone = b.enqueue(np.full((3, 3), 7.0, np.float32))
+        kept = b.enqueue(rows(2))
+        assert b.queued_rows == 5
+        b.settle(gone, drop=True)  # the caller no longer wants it: its rows are skipped
+        assert b.queued_rows == 2
+        fake.gate.set()
+        np.testing.assert_array_equal(await kept.fut, rows(2) * 2)
+        b.settle(kept)
+        await held
+        assert not gone.fut.done()  # nobody is answered for a dropped request
+        assert not any((x == 7.0).all(axis=1).any() for x in fake.inputs)
+        assert fake.calls == [1, 2]
+        await b.stop()  # nothing live is left to wait for
+
+    run(main())
+
+
 def test_cancelled_split_request_drops_its_remaining_pieces():
     async def main():
         fake = Fake()

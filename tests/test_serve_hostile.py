@@ -399,7 +399,7 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0_despite_stalled_conne
     assert status == 200, body
     _check_answer(body, clf.run(box["x"]))
     assert "Traceback" not in log, log
-    assert re.search(r"stopped; 1 inference requests accepted, 1 answered", log), log
+    assert re.search(r"stopped; 1 inference requests accepted \(\d+ without a task\), 1 answered", log), log
 
 
 _DIE = """
@@ -540,3 +540,99 @@ def test_responses_keep_their_headers_with_head_100_continue_and_keep_alive(smal
         head, got = _read_response(s, deadline)
         assert head.startswith(b"HTTP/1.1 200"), head
         _check_answer(got, clf.run(x))
+
+
+def _raw(x: np.ndarray | None, *, chunked: bool = False, extra: str = "", json_body: bytes | None = None,
+         binary_out: bool = False, outputs: list | None = None) -> bytes:
+    """An infer request's bytes: a binary tensor (or ``json_body``), sent whole or chunked."""
+    if json_body is not None:
+        body, headers = json_body, {"Content-Type": "application/json"}
+    else:
+        raw = x.tobytes()
+        spec = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                            "parameters": {"binary_data_size": len(raw)}}]}
+        if binary_out:
+            spec["parameters"] = {"binary_data_output": True}
+        if outputs is not None:
+            spec["outputs"] = outputs
+        head = json.dumps(spec).encode()
+        body, headers = head + raw, {"Inference-Header-Content-Length": str(len(head)),
+                                     "Content-Type": "application/octet-stream"}
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + extra
+    if chunked:
+        return (f"POST /v2/models/model/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n{lines}\r\n"
+                ).encode() + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    return f"POST /v2/models/model/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{lines}\r\n".encode() + body
+
+
+def _answers(port: int, data: bytes, count: int) -> list[tuple[bytes, bytes]]:
+    """Sends ``data`` on a new connection and reads ``count`` responses: [(head without the date, body)]."""
+    out = []
+    deadline = time.monotonic() + 30
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        for _ in range(count):
+            head, body = _read_response(s, deadline)
+            out.append((re.sub(rb"\r\ndate: [^\r]*", b"", head), body))
+    return out
+
+
+def test_the_task_free_path_answers_byte_for_byte_as_the_asgi_path(trained, clf, tmp_path):
+    """Small complete bodies are answered from the HTTP parser's callback; chunked ones go through the ASGI
+    app. The same requests both ways: the same status, headers and body, errors included."""
+    s = Server(trained.onnx, tmp_path / "fast.log", "--max-batch", "8")
+    try:
+        rng = np.random.default_rng(17)
+        one, three = (rng.standard_normal((n, 3, 64, 64)).astype(np.float32) for n in (1, 3))
+        zeros = np.zeros((1, 3, 64, 64), np.float32)
+        json_zeros = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 64, 64],
+                                             "data": [0] * (3 * 64 * 64)}]}).encode()
+        poison = np.full((1, 3, 64, 64), 3e38, np.float32)
+        top2 = [{"name": "probabilities", "parameters": {"classification": 2}}, {"name": "logits"}]
+        # one image of binary FP32 is 49 KB: under the 64 KiB the task-free path takes
+        cases = {"batch 1": dict(x=one), "binary output": dict(x=one, binary_out=True),
+                 "top-2 and logits": dict(x=one, outputs=top2), "small JSON body": dict(x=None, json_body=json_zeros),
+                 "non-finite output": dict(x=poison), "unknown output": dict(x=one, outputs=[{"name": "nope"}])}
+        fast = 0
+        for name, kw in cases.items():
+            [(h1, b1)] = _answers(s.port, _raw(**kw), 1)
+            [(h2, b2)] = _answers(s.port, _raw(**kw, chunked=True), 1)
+            assert h1 == h2 and b1 == b2, (name, h1, h2, b1[:300], b2[:300])
+            if name == "non-finite output":
+                assert h1.startswith(b"HTTP/1.1 422") and b"NaN or Inf" in b1
+            elif name == "unknown output":  # declined: the ASGI path answers both
+                assert h1.startswith(b"HTTP/1.1 400") and b"unknown output" in b1
+                continue
+            elif name == "small JSON body":
+                _check_answer(b1, clf.run(zeros))
+            elif name == "batch 1":
+                _check_answer(b1, clf.run(one))
+            else:
+                assert h1.startswith(b"HTTP/1.1 200")
+            fast += 1
+        # declined (a wrong shape): the ASGI path answers it, the same 400 either way
+        bad = np.zeros((1, 3, 63, 64), np.float32)
+        [(h1, b1)] = _answers(s.port, _raw(bad), 1)
+        [(h2, b2)] = _answers(s.port, _raw(bad, chunked=True), 1)
+        assert h1 == h2 and h1.startswith(b"HTTP/1.1 400") and b1 == b2
+        # pipelined: three requests in one send, answered in order (the middle one, 147 KB, by the ASGI path)
+        got = _answers(s.port, _raw(one) + _raw(three) + _raw(one), 3)
+        fast += 2
+        for (h, b), x in zip(got, (one, three, one), strict=True):
+            assert h.startswith(b"HTTP/1.1 200")
+            _check_answer(b, clf.run(x))
+        # Connection: close is honoured: the answer says so and the server closes the connection
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(_raw(one, extra="connection: close\r\n"))
+            head, body = _read_response(c, time.monotonic() + 30)
+            fast += 1
+            assert b"\r\nconnection: close" in head.lower()
+            _check_answer(body, clf.run(one))
+            assert _closed_within(c, 5) == b""
+    finally:
+        rc = s.stop()
+    log = s.log.read_text()
+    assert rc == 0 and "Traceback" not in log, log
+    m = re.search(r"stopped; (\d+) inference requests accepted \((\d+) without a task\)", log)
+    # accepted: each case twice (the ASGI path accepts a body before parsing it), the bad shape twice, 3 + 1
+    assert m and int(m.group(2)) == fast and int(m.group(1)) == 2 * len(cases) + 6, log
