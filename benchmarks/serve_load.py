@@ -466,6 +466,19 @@ def default_mlserver_python() -> Path | None:
     return p if p.exists() else None
 
 
+def quiet(servers: list[Server], below: float = 0.05, window: float = 0.25, bound: float = 10.0) -> float:
+    """Waits until ``servers`` together use under ``below`` cores over ``window`` s (at most ``bound`` s):
+    a server that is still answering the last phase's requests, or whose model threads still spin, would
+    otherwise tax the next phase's server on the shared cores. Returns the seconds waited."""
+    t0 = time.perf_counter()
+    while servers and time.perf_counter() - t0 < bound:
+        c0 = sum(s.cpu() for s in servers)
+        time.sleep(window)
+        if (sum(s.cpu() for s in servers) - c0) / window < below:
+            break
+    return time.perf_counter() - t0
+
+
 # ------------------------------------------------------------------------------------------ offline ceiling
 def _timed_calls(fn, seconds: float, max_calls: int = 100_000) -> np.ndarray:
     times, end = [], time.perf_counter() + seconds
@@ -594,6 +607,7 @@ def run(a) -> dict:
                 plan.append(("edgecnn", "image", most))
             offs, samples = [], {}
             for rnd in range(a.rounds):
+                quiet(list(servers.values()))
                 offs.append(offline(ceiling, served, x, jpegs, max(1.0, a.seconds / 2), a.image))
                 print(f"round {rnd} offline: b64 {offs[-1]['b64_img_s']:,.0f} img/s, b1 p50 "
                       f"{offs[-1]['b1_p50_ms']:.3f} ms", file=sys.stderr)
@@ -602,21 +616,28 @@ def run(a) -> dict:
                     srv = servers[name]
                     per_client = [(reqs[(name, enc)][i * INPUTS_PER_CLIENT:(i + 1) * INPUTS_PER_CLIENT],
                                    refs[enc][i * INPUTS_PER_CLIENT:(i + 1) * INPUTS_PER_CLIENT]) for i in range(c)]
+                    others = [s for s in servers.values() if s is not srv]
+                    settled = quiet(others)  # the last phase's server has finished its leftover work
                     m0 = srv.metrics()
                     cpu0, mine0, wall0 = srv.cpu(), time.process_time(), time.perf_counter()
+                    other0 = sum(s.cpu() for s in others)
                     res = load_phase(srv.port, per_client, a.warmup, a.seconds)
                     cpu1, mine1, wall1 = srv.cpu(), time.process_time(), time.perf_counter()
+                    other1 = sum(s.cpu() for s in others)
                     m1 = srv.metrics()
                     n = max(res["sent"], 1)
                     res.update(server=name, encoding=enc, clients=c, round=rnd,
                                server_cpu_us_per_request=(cpu1 - cpu0) / n * 1e6,
                                client_cpu_us_per_request=(mine1 - mine0) / n * 1e6,
-                               server_cores_busy=(cpu1 - cpu0) / (wall1 - wall0))
+                               server_cores_busy=(cpu1 - cpu0) / (wall1 - wall0),
+                               other_servers_cores_busy=(other1 - other0) / (wall1 - wall0),
+                               settle_s=settled)
                     res.update(_metric_deltas(m0, m1))
                     samples.setdefault((name, enc, c), []).append(res)
                     print(f"round {rnd} {name:8s} {enc:6s} c{c:<3d}: {res['throughput']:8.0f} req/s  p50 "
                           f"{res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms  errors {res['errors']}  wrong "
-                          f"{res['wrong_answers']}", file=sys.stderr)
+                          f"{res['wrong_answers']}  (other server {res['other_servers_cores_busy']:.2f} cores; "
+                          f"settled in {settled:.1f} s)", file=sys.stderr)
         finally:
             exits = {name: s.stop() for name, s in servers.items()}
             logs = {name: s.log.read_text()[-2000:] for name, s in servers.items()}
@@ -629,7 +650,7 @@ def run(a) -> dict:
     rows = []
     for (name, enc, c), rs in samples.items():
         row = {k: _median(rs, k) for k in ("throughput", "p50_ms", "p99_ms", "server_cpu_us_per_request",
-                                           "client_cpu_us_per_request", "server_cores_busy", "server_mean_ms",
+                                           "client_cpu_us_per_request", "server_cores_busy", "other_servers_cores_busy", "server_mean_ms",
                                            "queue_mean_ms", "mean_batch", "peer_model_ms", "peer_predict_ms")}
         row.update(server=name, encoding=enc, clients=c, errors=sum(r["errors"] for r in rs),
                    wrong_answers=sum(r["wrong_answers"] for r in rs), requests=sum(r["sent"] for r in rs),
