@@ -440,7 +440,9 @@ class App:
             if fut.cancelled():
                 done(None)
                 return
-            exc = fut.exception()
+            exc = fut.exception()  # retrieved even when nobody waits any more (no "never retrieved" log)
+            if GONE_CALLBACK not in scope:
+                return  # over already: the client left while its rows ran
             try:
                 done(failed(exc) if exc is not None else self._ok(req, fut.result(), t0))
             except Exception as e:  # noqa: BLE001 - an encoding failure is answered through the table too
