@@ -31,6 +31,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -381,10 +382,13 @@ class Server:
 class EdgecnnServer(Server):
     label = "edgecnn"
 
-    def __init__(self, folder: Path, model: Path, options: dict):
+    def __init__(self, folder: Path, model: Path, options: dict, extra: list[str] | None = None,
+                 label: str = "edgecnn"):
+        self.label = label
         super().__init__(folder)
         opts = [a for k, v in options.items() for a in ("-O", f"{k}={v}")]
-        self.cmd = [sys.executable, "-m", "edgecnn", "serve", str(model), "--host", "127.0.0.1", "--port", "0", *opts]
+        self.cmd = [sys.executable, "-m", "edgecnn", "serve", str(model), "--host", "127.0.0.1", "--port", "0", *opts,
+                    *(extra or [])]
         self.listening = ""
 
     def start(self) -> EdgecnnServer:
@@ -489,10 +493,36 @@ def _timed_calls(fn, seconds: float, max_calls: int = 100_000) -> np.ndarray:
     return np.asarray(times)
 
 
-def offline(ceiling, served, x: np.ndarray, jpegs: list[bytes], seconds: float, image: bool) -> dict:
+def parallel_b64(singles: list, batch: np.ndarray, seconds: float) -> float:
+    """img/s of ``len(singles)`` single-thread sessions each running batch 64 back to back on its own thread,
+    all at once (ORT releases the GIL): the offline figure of what N single-thread instances can do."""
+    import threading
+
+    counts = [0] * len(singles)
+    start = threading.Barrier(len(singles) + 1)
+
+    def work(i: int) -> None:
+        start.wait()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            singles[i].clf.run(batch)
+            counts[i] += len(batch)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(singles))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def offline(ceiling, served, x: np.ndarray, jpegs: list[bytes], seconds: float, image: bool,
+            singles: list | None = None) -> dict:
     """In this process: ``ceiling`` is the runtime with its default session options (the servers' thread
     count), ``served`` the session options `edgecnn serve` uses under load (its spinning twin); both on the
-    relaxed model."""
+    relaxed model. ``singles``: one single-thread session per usable CPU (``parallel_b64``)."""
     from PIL import Image
 
     batch = np.ascontiguousarray(np.concatenate([x] * (OFFLINE_BATCH // len(x) + 1))[:OFFLINE_BATCH])
@@ -514,6 +544,11 @@ def offline(ceiling, served, x: np.ndarray, jpegs: list[bytes], seconds: float, 
     for b in (1, 8, 32, OFFLINE_BATCH):
         xb = np.ascontiguousarray(batch[:b])
         res["served_batch_ms"][b] = float(np.median(_timed_calls(lambda xb=xb: served.clf.run(xb), seconds / 4)) * 1e3)
+    res["parallel_b64_img_s"] = float("nan")
+    if singles:
+        for m in singles:
+            m.clf.run(batch)
+        res["parallel_b64_img_s"] = parallel_b64(singles, batch, seconds / 2)
     if image:
         blobs = (jpegs * (OFFLINE_BATCH // len(jpegs) + 1))[:OFFLINE_BATCH]
         t = _timed_calls(lambda: ceiling.clf.run(ceiling.clf.preprocess([Image.open(io.BytesIO(b)) for b in blobs])),
@@ -573,18 +608,23 @@ def run(a) -> dict:
             ref_image = [clf.run(clf.preprocess([Image.open(io.BytesIO(b))])) for b in jpegs] if a.image else []
         ceiling = ServedModel(model, relax=True, threads=threads)
         served = ServedModel(model, relax=True, threads=threads, spinning=SERVE_SPINNING)
+        singles = [ServedModel(model, relax=True, threads=1) for _ in range(threads)] if threads > 1 else []
         input_name = served.input_name
         jbodies = [json_body(input_name, x[i: i + 1]) for i in range(len(x))]
         reqs = {("edgecnn", "json"): [http_post("model", b) for b in jbodies],
                 ("edgecnn", "binary"): [binary_request("model", input_name, "binary", x[i: i + 1]) for i in range(len(x))],
                 ("edgecnn", "image"): [binary_request("model", input_name, "image", b) for b in jpegs],
                 ("mlserver", "json"): [http_post("model", b) for b in jbodies]}  # the same bytes
+        reqs[("edgecnn-also", "binary")] = reqs[("edgecnn", "binary")]
         refs = {"json": ref_tensor, "binary": ref_tensor, "image": ref_image}
 
         servers: dict[str, Server] = {}
         notes, failures = [], []
         try:
             servers["edgecnn"] = EdgecnnServer(folder, model, server_options).start()
+            if a.also:  # the same binary phases against another configuration, in the same rounds
+                servers["edgecnn-also"] = EdgecnnServer(folder, model, server_options, shlex.split(a.also),
+                                                        label="edgecnn-also").start()
             if a.no_mlserver:
                 notes.append("MLServer rows skipped (--no-mlserver).")
             elif a.mlserver_python is None:
@@ -603,14 +643,17 @@ def run(a) -> dict:
             for c in clients:
                 plan += [("edgecnn", "json", c)] + ([("mlserver", "json", c)] if "mlserver" in servers else [])
                 plan.append(("edgecnn", "binary", c))
+                if "edgecnn-also" in servers:
+                    plan.append(("edgecnn-also", "binary", c))
             if a.image:
                 plan.append(("edgecnn", "image", most))
             offs, samples = [], {}
             for rnd in range(a.rounds):
                 quiet(list(servers.values()))
-                offs.append(offline(ceiling, served, x, jpegs, max(1.0, a.seconds / 2), a.image))
+                offs.append(offline(ceiling, served, x, jpegs, max(1.0, a.seconds / 2), a.image, singles))
                 print(f"round {rnd} offline: b64 {offs[-1]['b64_img_s']:,.0f} img/s, b1 p50 "
-                      f"{offs[-1]['b1_p50_ms']:.3f} ms", file=sys.stderr)
+                      f"{offs[-1]['b1_p50_ms']:.3f} ms, {len(singles)} single-thread sessions at b64 "
+                      f"{offs[-1]['parallel_b64_img_s']:,.0f} img/s", file=sys.stderr)
                 order = plan if rnd % 2 == 0 else plan[::-1]  # alternate the order: no phase always goes first
                 for name, enc, c in order:
                     srv = servers[name]
@@ -643,6 +686,8 @@ def run(a) -> dict:
             logs = {name: s.log.read_text()[-2000:] for name, s in servers.items()}
             ceiling.close()
             served.close()
+            for m in singles:
+                m.close()
         failures += [f"{n} exited with {c}" for n, c in exits.items() if c not in (0, None)]
         peer = servers.get("mlserver")
         mlserver_info = None if peer is None else {
@@ -656,7 +701,9 @@ def run(a) -> dict:
                    wrong_answers=sum(r["wrong_answers"] for r in rs), requests=sum(r["sent"] for r in rs),
                    per_round=rs)
         rows.append(row)
-    off = {k: _median(offs, k) for k in ("b64_img_s", "b1_p50_ms", "b64_cpu_us_per_image", "image_b64_img_s")}
+    off = {k: _median(offs, k) for k in ("b64_img_s", "b1_p50_ms", "b64_cpu_us_per_image", "image_b64_img_s",
+                                         "parallel_b64_img_s")}
+    off["single_sessions"] = len(singles)
     off["served_batch_ms"] = {b: float(np.median([o["served_batch_ms"][b] for o in offs]))
                               for b in offs[0]["served_batch_ms"]}
     off["per_round"] = offs
@@ -666,6 +713,8 @@ def run(a) -> dict:
             "runtime_default_spinning": defaults.spinning, "served_spinning": SERVE_SPINNING,
             "edgecnn_command": " ".join(servers["edgecnn"].cmd[1:]) if "edgecnn" in servers else "",
             "edgecnn_listening": servers["edgecnn"].listening if "edgecnn" in servers else "",
+            "also": a.also, "also_command": " ".join(servers["edgecnn-also"].cmd[1:]) if "edgecnn-also" in servers else "",
+            "also_listening": servers["edgecnn-also"].listening if "edgecnn-also" in servers else "",
             "mlserver": mlserver_info, "server_exit": exits, "server_log_tail": logs, "notes": notes,
             "failures": failures,
             "offline": off, "rows": rows,
@@ -746,6 +795,9 @@ def write(res: dict, out: Path, command: str) -> None:
         f"(rtol {RTOL:g}, atol {ATOL:g}).",
         f"- edgecnn serve, default settings: `{res['edgecnn_command']}`; it said: `{res['edgecnn_listening']}`.",
     ]
+    if res.get("also"):
+        lines.append(f"- edgecnn serve `{res['also']}` (the binary rows \"edgecnn serve {res['also']}\", same rounds): "
+                     f"`{res['also_command']}`; it said: `{res['also_listening']}`.")
     if ml:
         ms = ml["model-settings.json"]
         lines.append(f"- MLServer peer ({ml['versions']}): custom runtime benchmarks/mlserver_peer/runtime.py on the "
@@ -757,8 +809,9 @@ def write(res: dict, out: Path, command: str) -> None:
     head = "| server | encoding | " + " | ".join(f"c{c} req/s | c{c} p50 ms | c{c} p99 ms" for c in cs) + \
            " | errors | wrong answers |"
     lines += ["", "## Throughput and latency", "", head, "|---|---|" + "---|---|---|" * len(cs) + "---|---|"]
-    row_kinds = [("edgecnn", "json"), ("edgecnn", "binary"), ("edgecnn", "image"), ("mlserver", "json"),
-                 ("mlserver", "binary")]
+    row_kinds = [("edgecnn", "json"), ("edgecnn", "binary"), ("edgecnn-also", "binary"), ("edgecnn", "image"),
+                 ("mlserver", "json"), ("mlserver", "binary")]
+    shown = {"edgecnn": "edgecnn serve", "mlserver": "MLServer", "edgecnn-also": f"edgecnn serve {res.get('also')}"}
     for name, enc in row_kinds:
         rs = [by.get((name, enc, c)) for c in cs]
         if name == "mlserver" and enc == "binary":
@@ -770,7 +823,7 @@ def write(res: dict, out: Path, command: str) -> None:
         cells = " | ".join(f"{r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f}" if r else "- | - | -"
                            for r in rs)
         label = {"json": "JSON", "binary": "binary", "image": "JPEG BYTES (binary)"}[enc]
-        lines.append(f"| {'edgecnn serve' if name == 'edgecnn' else 'MLServer'} | {label} | {cells} | "
+        lines.append(f"| {shown[name]} | {label} | {cells} | "
                      f"{sum(r['errors'] for r in rs if r)} | {sum(r['wrong_answers'] for r in rs if r)} of "
                      f"{sum(r['requests'] for r in rs if r):,} |")
     spin = "on" if res["runtime_default_spinning"] else "off"
@@ -780,15 +833,37 @@ def write(res: dict, out: Path, command: str) -> None:
               f"image at batch 64." + (f" JPEG decode + preprocessing + model at batch 64: "
                                        f"{off['image_b64_img_s']:,.0f} img/s." if not np.isnan(off["image_b64_img_s"]) else ""),
               f"With the servers' session options (spinning {'on' if res['served_spinning'] else 'off'}), one call "
-              "takes " + ", ".join(f"{v:.3f} ms at batch {b}" for b, v in off["served_batch_ms"].items()) + ".",
+              "takes " + ", ".join(f"{v:.3f} ms at batch {b}" for b, v in off["served_batch_ms"].items()) + "."
+              + (f" {off['single_sessions']} single-thread sessions, each on its own thread running batch 64 at the "
+                 f"same time (what {off['single_sessions']} single-thread instances could do at best): "
+                 f"{off['parallel_b64_img_s']:,.0f} img/s." if off.get("single_sessions") else ""),
               "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in targets(res):
         lines.append(f"| {name} | {measured} | {'not measured' if met is None else 'yes' if met else 'NO'} |")
+    b = by.get(("edgecnn", "binary", 32))
+    if b and off.get("single_sessions") and not np.isnan(off["parallel_b64_img_s"]):
+        lines += ["", f"Against the offline figure of {off['single_sessions']} single-thread sessions at batch 64 in "
+                  f"parallel (not the target's ceiling; shown so that no configuration is hidden): binary at 32 "
+                  f"clients {b['throughput']:,.0f} / {off['parallel_b64_img_s']:,.0f} = "
+                  f"{b['throughput'] / off['parallel_b64_img_s']:.0%}."]
+    if res.get("also"):
+        lines += ["", f"## Default against `{res['also']}`, round by round (binary req/s; 1 client: p50 ms)", "",
+                  "| clients | " + " | ".join(f"round {i}" for i in range(res["rounds"])) + " |",
+                  "|---|" + "---|" * res["rounds"]]
+        for c in cs:
+            d, o = by.get(("edgecnn", "binary", c)), by.get(("edgecnn-also", "binary", c))
+            if d and o:
+                key, fmt = ("p50_ms", ".3f") if c == 1 else ("throughput", ",.0f")
+                cells = [f"{format(x[key], fmt)} vs {format(y[key], fmt)}"
+                         for x, y in zip(d["per_round"], o["per_round"], strict=False)]
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", "## Where the server's own cost per request goes", "",
               "Server-side means per request from edgecnn's /metrics (edgecnn_request_duration_seconds: from the "
               "request's headers to its encoded answer; edgecnn_queue_seconds: waiting for its batch to start; "
               "edgecnn_batch_size), read before and after each phase (warm-up included). \"model\" is the offline "
-              "time of one call at the phase's mean batch (interpolated between the batch sizes measured above); "
+              "time of one call at the phase's mean batch (interpolated between the batch sizes measured above) on the "
+              f"{res['threads']}-thread session, also where the server runs single-thread instances (their calls "
+              "take longer, so there \"rest\" overstates the server's own share); "
               "\"rest\" = server − queue − model: protocol parsing, decoding, hand-offs, encoding. CPU µs per request "
               "from psutil on the server process (all threads, children included) and on this client process, "
               "before and after each phase.", "",
@@ -837,6 +912,9 @@ def main() -> int:
     ap.add_argument("--mlserver-batch-size", type=int, default=64)
     ap.add_argument("--mlserver-batch-time", type=float, default=0.002, help="MLServer max_batch_time, seconds")
     ap.add_argument("--no-image", dest="image", action="store_false", help="skip the JPEG BYTES row")
+    ap.add_argument("--also", default=None, metavar="ARGS",
+                    help="a second `edgecnn serve` with these extra arguments (e.g. \"--instances 1\"): its binary "
+                         "phases run in the same rounds, beside the default's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 round of 1 s phases, 0.5 s warm-up")
     ap.add_argument("--fail-on-targets", action="store_true", help="exit 3 when a target is missed")

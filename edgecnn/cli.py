@@ -648,8 +648,14 @@ def demo(output, epochs, per_class, seed, progress):
 @click.option("--max-delay-ms", type=float, default=0.0, show_default=True,
               help="With --instances > 1: longest a free instance waits for more rows while another runs "
                    "(a lone request always runs at once; batches form while the model is busy).")
-@click.option("--instances", type=int, default=1, show_default=True,
-              help="Batches that may run at once, each on its own thread (with -O threads=1: one core each).")
+@click.option("--instances", type=int, default=None,
+              help="Batches that may run at once, each on its own thread, the usable CPUs split between them "
+                   "(a lone request still runs on all of them) [default: per CPU kind, see `edgecnn runtimes`: "
+                   "1, or 2 single-thread instances on amd-epyc-avx512-bf16 with 2 CPUs; 1 for a runtime other "
+                   "than ort-cpu or a pinned thread count].")
+@click.option("--call-rows", type=int, default=None,
+              help="Most queued rows one model call takes, at most --max-batch, so that several instances all "
+                   "get work [default: --max-batch; per CPU kind with --instances > 1, see `edgecnn runtimes`].")
 @click.option("--name", default=None, help="Model name in the URLs [default: the model file's stem].")
 @click.option("--max-body-mb", type=float, default=16.0, show_default=True, help="Larger request bodies get 413.")
 @click.option("--max-queue", type=int, default=None,
@@ -661,41 +667,48 @@ def demo(output, epochs, per_class, seed, progress):
 @click.option("--relax-batch/--no-relax-batch", default=True, show_default=True,
               help="Serve a fixed-batch ONNX model through a copy with a symbolic batch axis (else row by row).")
 @click.option("-O", "--option", "options", multiple=True, callback=_options, help=_OPTION_HELP)
-def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, name, max_body_mb, max_queue,
+def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, call_rows, name, max_body_mb, max_queue,
           max_concurrency, read_timeout_s, relax_batch, options):
     """Serve MODEL (file, deploy.json or bundle folder) over the KServe v2 protocol with dynamic batching."""
+    from edgecnn.runtimes.cpu import current_defaults, usable_cpus
+    from edgecnn.runtimes.deploy import resolve
     from edgecnn.runtimes.serve import ServeConfig, ServedModel
     from edgecnn.runtimes.serve import serve as run_server
 
-    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances,
+    cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                      instances=1 if instances is None else instances, call_rows=call_rows,
                       max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue,
                       max_concurrency=max_concurrency, read_timeout_s=read_timeout_s)
     cfg.check()
     typed: dict = {}
+    d = resolve(model)
+    target = runtime or d.runtime  # a deploy.json's or bundle's runtime takes the options
     if options:  # typed and checked against the runtime that will serve, before any model is loaded (exit 2)
-        from edgecnn.runtimes.deploy import resolve
         from edgecnn.runtimes.options import route_registered
 
-        target = runtime or resolve(model).runtime  # a deploy.json's or bundle's runtime takes the options
         typed = route_registered(options, [target])[target]
-    if instances > 1 and "threads" not in typed:
-        # N batches run at once on one model: split the usable CPUs between them, never more threads than CPUs
-        from edgecnn.runtimes.cpu import usable_cpus
-
-        typed["threads"] = max(1, usable_cpus() // instances)
+    kind = current_defaults()
+    if instances is None and target == "ort-cpu" and "threads" not in typed and d.threads is None:
+        cfg.instances = kind.serve_instances  # measured per CPU kind (runtimes/cpu.py MEASURED["serve_instances"])
+    if call_rows is None and cfg.instances > 1:
+        cfg.call_rows = kind.serve_call_rows
+    lone_threads = None
+    if cfg.instances > 1 and "threads" not in typed:
+        # N batches run at once on one model: split the usable CPUs between them, never more threads than
+        # CPUs; a call that runs alone (nothing else running or queued) still gets every usable CPU
+        typed["threads"] = max(1, usable_cpus() // cfg.instances)
+        lone_threads = usable_cpus()
     adaptive = False
     if "spinning" not in typed:
         # ORT's intra-op spinning: back to back it cuts a batch-1 call by about a third and raises req/s at
         # 32 clients; after a call it spins ~50 ms, so at 50 req/s it burns a core (24.5 ms of CPU per request
         # against 2.6 without). Serving on ort-cpu, unless -O spinning=... or the deploy.json/bundle sets it,
         # runs a spinning twin while calls come back to back and the non-spinning session after a pause.
-        from edgecnn.runtimes.deploy import resolve
-
-        d = resolve(model)
-        if (runtime or d.runtime) == "ort-cpu" and "spinning" not in (d.options or {}):
+        if target == "ort-cpu" and "spinning" not in (d.options or {}):
             typed["spinning"] = False
             adaptive = True
-    served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, adaptive_spinning=adaptive, **typed)
+    served = ServedModel(model, runtime=runtime, name=name, relax=relax_batch, adaptive_spinning=adaptive,
+                         lone_threads=lone_threads, **typed)
     try:
         counts = run_server(served, cfg, log=lambda s: click.echo(s, err=True))
     finally:

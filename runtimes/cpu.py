@@ -241,6 +241,12 @@ MEASURED = {
         "one session for every batch size: a batch-1 session with fewer threads was slower on each kind "
         "measured (amd-epyc-avx2: b1 p50 0.76-0.96 ms with 1 thread against 0.51-0.69 ms with 2; Intel AMX, "
         "issue 16: 0.315 ms with 2 threads against 0.359 ms with ORT's 1)"),
+    "serve_instances": (
+        "`edgecnn serve` on ort-cpu: one instance with every usable thread, except amd-epyc-avx512-bf16 with "
+        "2 usable CPUs, where two single-thread instances taking at most 2 queued rows a call (a lone request "
+        "on a 2-thread session) served more binary requests at 8 and 32 clients: binary, batch-1 requests, 3 alternated rounds (/tmp probe, default Net): 32 clients 2,223 / 2,225 / 2,099 against 1,697 / 1,986 / 1,727 req/s; 8 clients 2,140 / 1,836 / 2,026 against 1,928 / 1,709 / 1,408; 1 client p50 0.540 / 0.559 / 0.541 against 0.560 / 0.589 / 0.553 ms; benchmarks/results/serve.md. Elsewhere "
+        "not re-measured: amd-epyc-avx2 (2 CPUs) measured --instances 2 -O threads=1 no better than one "
+        "2-thread instance (before the 2-row calls and the lone session)"),
     "fast_paths": (
         "tune candidates follow the ISA: bf16 (and int8 with bf16 float ops) only where bf16 is native "
         "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO does not list BF16 among the CPU's capabilities, "
@@ -259,22 +265,27 @@ class Defaults:
     openvino_hyper_threading: bool
     bf16_candidates: bool
     int8_bf16_candidates: bool
+    serve_instances: int = 1
+    serve_call_rows: int | None = None
     why: dict = field(default_factory=lambda: dict(MEASURED))
 
     def as_dict(self) -> dict:
         return {"kind": self.kind, "threads": self.threads, "spinning": self.spinning,
                 "openvino_hint": self.openvino_hint, "openvino_hyper_threading": self.openvino_hyper_threading,
                 "bf16_candidates": self.bf16_candidates,
-                "int8_bf16_candidates": self.int8_bf16_candidates}
+                "int8_bf16_candidates": self.int8_bf16_candidates,
+                "serve_instances": self.serve_instances, "serve_call_rows": self.serve_call_rows}
 
 
 def defaults_for(cpu: CpuDescription) -> Defaults:
     """The defaults for the machine ``cpu`` describes (a pure function: tests pass made-up machines)."""
     usable = cpu.usable
     quota_binds = cpu.quota is not None and cpu.quota < cpu.allowed
+    split = cpu.kind == "amd-epyc-avx512-bf16" and usable == 2 and not quota_binds  # the one kind measured
     return Defaults(kind=cpu.kind, threads=usable, spinning=not quota_binds and usable > 1,
                     openvino_hint="latency", openvino_hyper_threading=cpu.threads_per_core > 1,
-                    bf16_candidates=cpu.bf16, int8_bf16_candidates=cpu.bf16)
+                    bf16_candidates=cpu.bf16, int8_bf16_candidates=cpu.bf16,
+                    serve_instances=usable if split else 1, serve_call_rows=2 if split else None)
 
 
 def current_defaults() -> Defaults:

@@ -34,6 +34,7 @@ class ServeConfig:
     max_batch: int = 64
     max_delay_ms: float = 0.0
     instances: int = 1
+    call_rows: int | None = None  # most queued rows one call takes (None: max_batch)
     max_body_bytes: int = 16 << 20
     max_queue: int | None = None  # rows waiting for the model; None: 8 x max_batch
     max_concurrency: int = 256  # inference requests being read, parsed, decoded, queued or run at once
@@ -50,6 +51,8 @@ class ServeConfig:
             raise InvalidInputError(f"--max-batch must be >= 1, got {self.max_batch}")
         if not 1 <= self.instances <= 64:
             raise InvalidInputError(f"--instances must be 1-64, got {self.instances}")
+        if self.call_rows is not None and not 1 <= self.call_rows:
+            raise InvalidInputError(f"--call-rows must be >= 1, got {self.call_rows}")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise InvalidInputError(f"--max-delay-ms must be between 0 and 10000, got {self.max_delay_ms}")
         if self.max_body_bytes < 1024:
@@ -392,7 +395,11 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     for note in model.override_notes + ([model.clf.assumption_note] if getattr(model.clf, "assumption_note", None) else []):
         log(f"edgecnn serve: note: {note}")
     log(f"edgecnn serve: listening on http://{shown}:{port} model {model.name!r} on {model.clf.runtime.describe()}; "
-        f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s), "
+        f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s)"
+        + (f" of {model.threads} thread(s)" if model.threads else "")
+        + (f" taking at most {cfg.call_rows} rows a call" if cfg.call_rows and cfg.call_rows < cfg.max_batch else "")
+        + (f", a lone request on {model.lone_threads} threads" if model.lone_threads != model.threads else "")
+        + ", "
         f"queue {cfg.queue_rows} rows, {cfg.max_concurrency} requests at once, batching {model.batching}"
         + ("" if model.spinning is None else f", spinning {model.spinning_text}"))
     try:

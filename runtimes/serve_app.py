@@ -188,7 +188,8 @@ class App:
                 self.batcher = Batcher(self.model.run, max_batch=self.cfg.max_batch,
                                        max_delay_s=self.cfg.max_delay_ms / 1e3, instances=self.cfg.instances,
                                        max_queue_rows=self.cfg.queue_rows, on_batch=m.batch.observe,
-                                       on_queue_wait=m.queue.observe, on_death=self._batcher_died)
+                                       on_queue_wait=m.queue.observe, on_death=self._batcher_died,
+                                       run_lone=self.model.run_lone, call_rows=self.cfg.call_rows)
                 self.batcher.start()
                 self.ready = True
                 await send({"type": "lifespan.startup.complete"})

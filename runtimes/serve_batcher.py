@@ -110,11 +110,13 @@ class Batcher:
     worker thread, Triton's instance count) and hands each caller its own output rows, in order.
 
     Dispatch rule: whenever an instance is free and rows are queued, the next call takes the queued rows,
-    oldest first, up to ``max_batch`` (a request may be split over calls, shared with other requests, and is
-    reassembled before it is answered). So a request that finds a free instance runs at once, and batches
+    oldest first, up to ``call_rows`` (default and at most ``max_batch``; a request may be split over calls,
+    shared with other requests, and is reassembled before it is answered). A smaller ``call_rows`` with
+    several instances keeps every instance busy: one free instance does not take all that is queued while
+    the others finish. So a request that finds a free instance runs at once, and batches
     form by themselves while every instance is busy. ``max_delay_s > 0`` only applies while another call is
-    running (never with ``instances=1``) and fewer than ``max_batch`` rows are queued: the free instance then
-    waits until ``max_batch`` rows are queued, the oldest has waited ``max_delay_s``, no other call runs any
+    running (never with ``instances=1``) and fewer than ``call_rows`` rows are queued: the free instance then
+    waits until ``call_rows`` rows are queued, the oldest has waited ``max_delay_s``, no other call runs any
     more, or ``close_to_new`` is called, whichever comes first.
 
     Failures stay with their request: non-finite output rows, or a call that raises an ``Exception``
@@ -130,12 +132,17 @@ class Batcher:
                  instances: int = 1, max_queue_rows: int | None = None,
                  on_batch: Callable[[int], None] | None = None,
                  on_queue_wait: Callable[[float], None] | None = None,
-                 on_death: Callable[[BaseException], None] | None = None) -> None:
-        if max_batch < 1 or instances < 1 or not max_delay_s >= 0:
-            raise ValueError(f"need max_batch, instances >= 1 and max_delay_s >= 0, not "
-                             f"{max_batch}, {instances}, {max_delay_s}")
+                 on_death: Callable[[BaseException], None] | None = None,
+                 run_lone: Callable[[np.ndarray], np.ndarray] | None = None,
+                 call_rows: int | None = None) -> None:
+        """``run_lone``: what ``run_now`` calls (a call that runs alone; default ``run``)."""
+        if max_batch < 1 or instances < 1 or not max_delay_s >= 0 or (call_rows is not None and call_rows < 1):
+            raise ValueError(f"need max_batch, instances, call_rows >= 1 and max_delay_s >= 0, not "
+                             f"{max_batch}, {instances}, {call_rows}, {max_delay_s}")
         self._run = run
+        self._run_lone = run_lone or run
         self.max_batch = int(max_batch)
+        self.call_rows = min(self.max_batch, int(call_rows or max_batch))
         self.max_delay_s = float(max_delay_s)
         self.instances = int(instances)
         self.max_queue_rows = max(self.max_batch, 8 * max_batch if max_queue_rows is None else max_queue_rows)
@@ -162,7 +169,7 @@ class Batcher:
 
     def retry_after_s(self) -> int:
         """Whole seconds the queue now needs to drain (at least 1, at most 60): the Retry-After to send."""
-        calls = math.ceil(self.queued_rows / self.max_batch) + self.running_batches
+        calls = math.ceil(self.queued_rows / self.call_rows) + self.running_batches
         return max(1, min(60, math.ceil(calls * self._call_s / self.instances)))
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
@@ -233,7 +240,7 @@ class Batcher:
         self._idle.clear()
         t = time.perf_counter()
         try:
-            out = _checked(self._run(x), n)
+            out = _checked(self._run_lone(x), n)
         except Exception as e:  # noqa: BLE001 - this request's own failure
             raise _model_failed(e) from None
         except BaseException as e:  # SystemExit, KeyboardInterrupt... from the model: the batcher's death
@@ -293,7 +300,7 @@ class Batcher:
                     q.popleft()
                 if not q:
                     return  # an instance's thread took the rows meanwhile
-                if (self.max_delay_s > 0 and self.running_batches and self.queued_rows < self.max_batch
+                if (self.max_delay_s > 0 and self.running_batches and self.queued_rows < self.call_rows
                         and not self._closed):
                     wait = q[0].t0 + self.max_delay_s - loop.time()
                     if wait > 5e-4:
@@ -316,8 +323,8 @@ class Batcher:
             self._timer = None
 
     def _take(self) -> tuple[list[_Piece], int]:
-        """Up to ``max_batch`` queued rows, oldest first, as pieces of requests (the caller holds the lock)."""
-        q, cap = self._queue, self.max_batch
+        """Up to ``call_rows`` queued rows, oldest first, as pieces of requests (the caller holds the lock)."""
+        q, cap = self._queue, self.call_rows
         pieces: list[_Piece] = []
         rows = 0
         now = self._loop.time() if self._loop is not None else 0.0

@@ -43,7 +43,7 @@ class ServedModel:
     """
 
     def __init__(self, source: str | os.PathLike, runtime: str | None = None, name: str | None = None,
-                 relax: bool = True, adaptive_spinning: bool = False, **options):
+                 relax: bool = True, adaptive_spinning: bool = False, lone_threads: int | None = None, **options):
         """``adaptive_spinning`` (ort-cpu only, with ``spinning=False``): also load a spinning twin of the
         session and run each call on it while calls come back to back (``run``)."""
         self.deployable, self.override_notes = resolve_model(source).override(runtime, options)
@@ -66,6 +66,10 @@ class ServedModel:
         self.hot_calls = self.cold_calls = 0
         if adaptive_spinning and runtime == "ort-cpu" and options.get("spinning") is False:
             self._hot = Classifier(self.clf.runtime.model_path, runtime=runtime, **{**options, "spinning": True})
+        self._lone: ServedModel | None = None
+        if lone_threads and lone_threads > (options.get("threads") or lone_threads):
+            self._lone = ServedModel(self.clf.runtime.model_path, runtime=runtime, relax=False,
+                                     adaptive_spinning=adaptive_spinning, **{**options, "threads": lone_threads})
         self.name = name or d.name
         if not self.name or "/" in self.name:
             raise InvalidInputError(f"bad model name {self.name!r}")
@@ -83,6 +87,17 @@ class ServedModel:
     def spinning(self) -> str | bool | None:
         """What the model calls spin: "adaptive" with a spinning twin, else the runtime's own setting."""
         return "adaptive" if self._hot is not None else getattr(self.clf.runtime, "spinning_used", None)
+
+    @property
+    def threads(self) -> int | None:
+        """Intra-op threads of one instance's session (None: the runtime does not say)."""
+        rt = self.clf.runtime
+        return getattr(rt, "threads_used", None) or getattr(rt, "threads", None)
+
+    @property
+    def lone_threads(self) -> int | None:
+        """Threads of the session a lone call runs on (``run_lone``): ``threads`` unless it has its own."""
+        return self.threads if self._lone is None else self._lone.threads
 
     @property
     def spinning_text(self) -> str:
@@ -106,6 +121,11 @@ class ServedModel:
             out = self.clf.run(x)
         self._last_end = time.perf_counter()
         return out
+
+    def run_lone(self, x: np.ndarray) -> np.ndarray:
+        """A call that runs alone (nothing else running or queued): on the session with every usable
+        thread where the instances' sessions have fewer (``lone_threads``), else ``run``."""
+        return self.run(x) if self._lone is None else self._lone.run(x)
 
     def _relaxed(self, model: Path, runtime: str, options: dict) -> Classifier | None:
         from .onnx_batch import relax_batch_file
@@ -138,11 +158,12 @@ class ServedModel:
         platform = {".onnx": "onnx_onnxv1", ".xml": "openvino_ir"}.get(suffix, f"edgecnn_{rt.name}")
         params = {"runtime": rt.describe(), "runtime_name": rt.name,
                   "precision": getattr(self.deployable, "precision", None),
-                  "threads": getattr(rt, "threads_used", None) or getattr(rt, "threads", None),
+                  "threads": self.threads, "lone_threads": self.lone_threads,
                   "spinning": self.spinning,
                   "class_names": json.dumps(list(self.clf.class_names)),
                   "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
-                  "instances": cfg.instances, "max_queue_rows": getattr(cfg, "queue_rows", None),
+                  "instances": cfg.instances, "call_rows": min(getattr(cfg, "call_rows", None) or cfg.max_batch, cfg.max_batch),
+                  "max_queue_rows": getattr(cfg, "queue_rows", None),
                   "batching": self.batching}
         params = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
         return {"name": self.name, "versions": [MODEL_VERSION], "platform": platform,
@@ -239,6 +260,8 @@ class ServedModel:
         self.clf.close()
         if self._hot is not None:
             self._hot.close()
+        if self._lone is not None:
+            self._lone.close()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -97,6 +97,16 @@ def test_per_kind_defaults_are_decided_from_the_description():
     for d in (a, b, c):
         assert d.openvino_hint == "latency" and set(d.why) >= {"threads", "spinning", "openvino_hint", "batch_sessions"}
     assert defaults_for(describe_cpu()).kind == describe_cpu().kind
+    # serve: two single-thread instances, 2 rows a call, only on the kind and size where that was measured
+    avx512 = CpuDescription("AuthenticAMD", "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}), logical=2,
+                            allowed=2)
+    big = CpuDescription("AuthenticAMD", "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}), logical=8,
+                         allowed=8)
+    capped = CpuDescription("AuthenticAMD", "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}), logical=4,
+                            allowed=4, quota=2.0)
+    assert (defaults_for(avx512).serve_instances, defaults_for(avx512).serve_call_rows) == (2, 2)
+    for d in (a, b, c, defaults_for(big), defaults_for(capped)):
+        assert (d.serve_instances, d.serve_call_rows) == (1, None) and "serve_instances" in d.why
 
 
 def test_tune_candidates_follow_the_cpu_kind(tmp_path):

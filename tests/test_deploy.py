@@ -159,6 +159,7 @@ def test_a_tuned_openvino_bundle_is_served_with_its_runtime_and_threads(trained,
         meta = json.loads(body)
         params = meta["parameters"]
         assert "openvino" in str(params.get("runtime")) and params.get("threads") == 1, params
+        assert params.get("instances") == 1 and params.get("lone_threads") == 1, params  # never split a tuned count
         x = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
         req = {"inputs": [{"name": meta["inputs"][0]["name"], "datatype": "FP32", "shape": [2, 3, 64, 64],
                            "data": x.ravel().tolist()}], "outputs": [{"name": "logits"}]}
@@ -170,3 +171,35 @@ def test_a_tuned_openvino_bundle_is_served_with_its_runtime_and_threads(trained,
             np.testing.assert_allclose(got, ref.run(x), rtol=1e-3, atol=1e-5)
     finally:
         assert srv.stop() == 0
+
+
+def test_serve_splits_the_cpus_only_where_measured_and_never_a_tuned_thread_count(trained, tuned, tmp_path):
+    """The real server: a plain model gets this CPU kind's serve default (instances, rows a call, the lone
+    request's threads); a deploy.json that pins its threads is served on one instance with exactly those."""
+    from edgecnn.runtimes.cpu import current_defaults, usable_cpus
+    from test_serve import Server
+
+    kind = current_defaults()
+    x = np.random.default_rng(4).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    for source, want in ((trained.onnx, {"instances": kind.serve_instances,
+                                          "threads": max(1, usable_cpus() // kind.serve_instances),
+                                          "lone_threads": usable_cpus() if kind.serve_instances > 1 else None,
+                                          "call_rows": kind.serve_call_rows or 64}),
+                         (tuned, {"instances": 1, "threads": 1, "lone_threads": 1, "call_rows": 64})):
+        srv = Server(source, tmp_path / f"{source.stem}.log")
+        try:
+            status, body, _ = srv.get("/v2/models/model")
+            assert status == 200, body
+            params = json.loads(body)["parameters"]
+            want["lone_threads"] = want["lone_threads"] or params["threads"]
+            assert {k: params.get(k) for k in want} == want, params
+            req = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 3, 64, 64],
+                               "data": x.ravel().tolist()}], "outputs": [{"name": "logits"}]}
+            status, body, _ = srv.request("POST", "/v2/models/model/infer", json.dumps(req).encode(),
+                                          {"Content-Type": "application/json"})
+            assert status == 200, body
+            got = np.asarray(json.loads(body)["outputs"][0]["data"], dtype=np.float32).reshape(3, -1)
+            with Classifier(trained.onnx) as ref:
+                np.testing.assert_allclose(got, ref.run(x), rtol=1e-3, atol=1e-5)
+        finally:
+            assert srv.stop() == 0

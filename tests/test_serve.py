@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from edgecnn.runtimes import Classifier
-from edgecnn.runtimes.cpu import usable_cpus
+from edgecnn.runtimes.cpu import current_defaults, usable_cpus
 from PIL import Image
 
 from edgecnn.data import synthetic_dataset
@@ -174,6 +174,9 @@ def test_plain_http_health_metadata_and_json_infer(server, clf):
     assert json.loads(meta["parameters"]["class_names"]) == list(clf.class_names)  # parameters: scalars only
     # --instances 2 without -O threads: the usable CPUs are split between the two instances
     assert meta["parameters"]["instances"] == 2 and meta["parameters"]["threads"] == max(1, usable_cpus() // 2)
+    # ...a request that runs alone still gets every usable CPU; a call takes the CPU kind's rows (or max batch)
+    assert meta["parameters"]["lone_threads"] == usable_cpus()
+    assert meta["parameters"]["call_rows"] == min(16, current_defaults().serve_call_rows or 16)
     # The default export has a fixed batch of 1: served through a copy with a symbolic batch axis.
     assert meta["parameters"]["batching"].startswith("dynamic")
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)

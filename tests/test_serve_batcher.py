@@ -167,6 +167,26 @@ def test_instances_run_calls_at_the_same_time():
     run(main())
 
 
+
+def test_call_rows_spread_the_queue_over_the_instances_and_each_request_gets_its_own_rows():
+    async def main():
+        fake, sizes = Fake(), []
+        b = Batcher(fake, max_batch=8, instances=2, call_rows=2, on_batch=sizes.append)
+        assert b.call_rows == 2 and Batcher(fake, max_batch=4, call_rows=9).call_rows == 4  # at most max_batch
+        first = await occupy(b, fake)  # one instance blocked: the other takes 2 rows a call, not all 7
+        xs = [rows(3, 100.0), rows(1, 200.0), rows(3, 300.0)]
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_array_equal(out, x * 2)  # split over calls and reassembled, in order
+        assert sum(fake.calls[1:]) == 7 and max(fake.calls[1:]) == 2 and len(fake.calls) >= 5 and max(sizes) == 2
+        fake.gate.set()
+        await first
+        await b.stop()
+
+    run(main())
+    with pytest.raises(ValueError, match="call_rows"):
+        Batcher(Fake(), max_batch=4, call_rows=0)
+
 def test_memory_error_from_the_model_is_a_request_failure_not_death():
     def model(x):
         if len(x) > 2:
@@ -517,6 +537,19 @@ def test_run_now_runs_a_lone_request_on_the_calling_thread_and_counts_it_as_a_ba
         await b.stop()
     run(main())
 
+
+
+def test_run_now_calls_run_lone_and_batches_call_run():
+    async def main():
+        lone, fake = OnLoop(result=None), Fake()
+        b = Batcher(fake, max_batch=4, instances=2, run_lone=lone)
+        b.start()
+        np.testing.assert_array_equal(b.run_now(rows(1)), rows(1) * 2)
+        np.testing.assert_array_equal(await b.submit(rows(2, 5.0)), rows(2, 5.0) * 2)
+        assert lone.calls == [1] and lone.threads == [threading.current_thread()] and fake.calls == [2]
+        await b.stop()
+
+    run(main())
 
 def test_run_now_declines_while_a_call_runs_or_rows_are_queued():
     async def main():
