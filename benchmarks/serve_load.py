@@ -19,8 +19,9 @@ Every client sends batch-1 requests back to back on one keep-alive connection, e
 distinct inputs, and checks every answer against the offline logits of its own input (rtol 1e-3,
 atol 1e-5). Errors (transport failures, non-200 answers, timeouts) and wrong answers are counted
 apart. Each phase is bounded in time and requests. Medians over the rounds go to serve.md; every
-round's figures to serve.json. Exit status: 1 if any answer was wrong or any phase had errors, 3 with
---fail-on-targets when a target is missed, else 0.
+round's figures to serve.json (the same also to serve-<cpu kind>.md/.json: the latest run per kind).
+Exit status: 1 if any answer was wrong or any phase had errors, 3 with --fail-on-targets when a
+target is missed, else 0.
 """
 
 from __future__ import annotations
@@ -893,8 +894,9 @@ def write(res: dict, out: Path, command: str) -> None:
               "per batch, and predict() (NumpyCodec decode + run + encode) per batch. The client "
               "shares the machine's cores with the servers: its CPU per request is part of every figure above."]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.md").write_text("\n".join(lines) + "\n")
-    (out / "serve.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    for stem in ("serve", f"serve-{res['cpu_kind']}"):  # the latest run, and the latest on this CPU kind
+        (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     print("\n".join(lines))
 
 
@@ -937,7 +939,7 @@ def main() -> int:
         ap.error(f"--mlserver-python {a.mlserver_python}: no such file")
     a.load_at_start = os.getloadavg()
     res = run(a)
-    write(res, a.out, "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]))
+    write(res, a.out, "python benchmarks/serve_load.py " + shlex.join(sys.argv[1:]))
     bad = sum(r["wrong_answers"] + r["errors"] for r in res["rows"])
     if bad or res["failures"]:
         print(f"FAILED: {sum(r['wrong_answers'] for r in res['rows'])} wrong answers, "

@@ -612,7 +612,9 @@ def runtimes_cmd(json_out):
     click.echo(f"CPU: {cpu.text()}\ndefaults on this CPU (runtimes/cpu.py; -O overrides): threads={d.threads}, "
                f"ort-cpu spinning={str(d.spinning).lower()}, openvino hint={d.openvino_hint}, openvino hyper_threading="
                f"{str(d.openvino_hyper_threading).lower()}, tune tries bf16: "
-               f"{'yes' if d.bf16_candidates else 'no (not native here)'}\n")
+               f"{'yes' if d.bf16_candidates else 'no (not native here)'}, serve on ort-cpu: "
+               + (f"{d.serve_instances} single-thread instances, {d.serve_call_rows} rows a call" if d.serve_instances > 1
+                  else "1 instance") + "\n")
     click.echo(report_table(rows))
     if json_out:
         _write_json(json_out, [r.as_dict() for r in rows])

@@ -243,10 +243,14 @@ MEASURED = {
         "issue 16: 0.315 ms with 2 threads against 0.359 ms with ORT's 1)"),
     "serve_instances": (
         "`edgecnn serve` on ort-cpu: one instance with every usable thread, except amd-epyc-avx512-bf16 with "
-        "2 usable CPUs, where two single-thread instances taking at most 2 queued rows a call (a lone request "
-        "on a 2-thread session) served more binary requests at 8 and 32 clients: binary, batch-1 requests, 3 alternated rounds (/tmp probe, default Net): 32 clients 2,223 / 2,225 / 2,099 against 1,697 / 1,986 / 1,727 req/s; 8 clients 2,140 / 1,836 / 2,026 against 1,928 / 1,709 / 1,408; 1 client p50 0.540 / 0.559 / 0.541 against 0.560 / 0.589 / 0.553 ms; benchmarks/results/serve.md. Elsewhere "
-        "not re-measured: amd-epyc-avx2 (2 CPUs) measured --instances 2 -O threads=1 no better than one "
-        "2-thread instance (before the 2-row calls and the lone session)"),
+        "2 usable CPUs: two single-thread instances taking at most 2 queued rows a call, a lone request on a "
+        "2-thread session. There, binary batch-1 requests, one run with both in the same 3 rounds "
+        "(benchmarks/results/serve-amd-epyc-avx512-bf16.md, commit 0b28a73): 32 clients 2,544 / 2,492 / 2,410 "
+        "against 2,136 / 1,780 / 2,206 req/s for one 2-thread instance; 8 clients 2,093 / 2,070 / 1,518 against "
+        "2,134 / 2,062 / 2,150 (no gain); 1 client p50 0.541 / 0.546 / 0.615 against 0.544 / 0.557 / 0.679 ms. "
+        "In alternated probes two instances taking every queued row left one idle (1.53 cores busy, against "
+        "1.7 with 2-row calls). Not re-measured elsewhere: amd-epyc-avx2 measured --instances 2 -O threads=1 no better than "
+        "one 2-thread instance, before the 2-row calls and the lone session existed"),
     "fast_paths": (
         "tune candidates follow the ISA: bf16 (and int8 with bf16 float ops) only where bf16 is native "
         "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO does not list BF16 among the CPU's capabilities, "
