@@ -244,13 +244,15 @@ MEASURED = {
     "serve_instances": (
         "`edgecnn serve` on ort-cpu: one instance with every usable thread, except amd-epyc-avx512-bf16 with "
         "2 usable CPUs: two single-thread instances taking at most 2 queued rows a call, a lone request on a "
-        "2-thread session. There, binary batch-1 requests, one run with both in the same 3 rounds "
-        "(benchmarks/results/serve-amd-epyc-avx512-bf16.md, commit 0b28a73): 32 clients 2,544 / 2,492 / 2,410 "
-        "against 2,136 / 1,780 / 2,206 req/s for one 2-thread instance; 8 clients 2,093 / 2,070 / 1,518 against "
-        "2,134 / 2,062 / 2,150 (no gain); 1 client p50 0.541 / 0.546 / 0.615 against 0.544 / 0.557 / 0.679 ms. "
-        "In alternated probes two instances taking every queued row left one idle (1.53 cores busy, against "
-        "1.7 with 2-row calls). Not re-measured elsewhere: amd-epyc-avx2 measured --instances 2 -O threads=1 no better than "
-        "one 2-thread instance, before the 2-row calls and the lone session existed"),
+        "2-thread session. There, binary batch-1 requests, two runs with both configurations in the same "
+        "3 rounds (benchmarks/results/serve-amd-epyc-avx512-bf16.md at e0f0f53 and after): 32 clients "
+        "2,544 / 2,492 / 2,410 and 2,206 / 2,125 / 2,097 req/s against 2,136 / 1,780 / 2,206 and "
+        "2,156 / 1,939 / 2,142 for one 2-thread instance (ahead in 5 rounds of 6); 8 clients even (medians "
+        "2,070 and 2,135 against 2,134 and 1,712); 1 client p50 lower in 5 rounds of 6 (by up to 0.11 "
+        "ms), 0.05 ms higher in one. In alternated "
+        "probes two instances taking every queued row left one idle (1.53 cores busy, against 1.7 with "
+        "2-row calls). Not re-measured elsewhere: amd-epyc-avx2 measured --instances 2 -O threads=1 no "
+        "better than one 2-thread instance, before the 2-row calls and the lone session existed"),
     "fast_paths": (
         "tune candidates follow the ISA: bf16 (and int8 with bf16 float ops) only where bf16 is native "
         "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO does not list BF16 among the CPU's capabilities, "
