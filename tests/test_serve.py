@@ -365,6 +365,8 @@ def test_bad_model_busy_port_and_missing_server_package_fail_cleanly(trained, tm
     assert r.exit_code == 2 and "edgecnn: error:" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("serve", trained.onnx, "--max-batch", "0")
     assert r.exit_code == 2 and "--max-batch" in r.stderr
+    r = run_cli("serve", trained.onnx, "--call-rows", "0")
+    assert r.exit_code == 2 and "--call-rows must be >= 1" in r.stderr and "Traceback" not in r.stderr
     import socket
 
     with socket.socket() as busy:
