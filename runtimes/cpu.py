@@ -249,7 +249,9 @@ MEASURED = {
         "2,544 / 2,492 / 2,410 and 2,206 / 2,125 / 2,097 req/s against 2,136 / 1,780 / 2,206 and "
         "2,156 / 1,939 / 2,142 for one 2-thread instance (ahead in 5 rounds of 6); 8 clients even (medians "
         "2,070 and 2,135 against 2,134 and 1,712); 1 client p50 lower in 5 rounds of 6 (by up to 0.11 "
-        "ms), 0.05 ms higher in one. In alternated "
+        "ms), 0.05 ms higher in one. Alternated probes of other bodies (3 rounds): JSON even (32 clients "
+        "1,013 / 1,090 / 1,106 against 954 / 1,030 / 1,206 req/s, p99 lower in every round), JPEG BYTES at 32 "
+        "clients 1,240 / 1,363 / 1,301 against 1,366 / 1,408 / 1,186 (median 5% lower). In alternated "
         "probes two instances taking every queued row left one idle (1.53 cores busy, against 1.7 with "
         "2-row calls). Not re-measured elsewhere: amd-epyc-avx2 measured --instances 2 -O threads=1 no "
         "better than one 2-thread instance, before the 2-row calls and the lone session existed"),
