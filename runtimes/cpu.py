@@ -245,7 +245,7 @@ MEASURED = {
         "`edgecnn serve` on ort-cpu: one instance with every usable thread, except amd-epyc-avx512-bf16 with "
         "2 usable CPUs: two single-thread instances taking at most 2 queued rows a call, a lone request on a "
         "2-thread session. There, binary batch-1 requests, three runs with both configurations in the same "
-        "3 rounds (benchmarks/results/serve-amd-epyc-avx512-bf16.md at e0f0f53, cbe462d and after): 32 "
+        "3 rounds (benchmarks/results/serve-amd-epyc-avx512-bf16.md at 0345d32, cbe462d and after): 32 "
         "clients 2,544 / 2,492 / 2,410, 2,206 / 2,125 / 2,097 and 2,176 / 2,172 / 2,178 req/s against "
         "2,136 / 1,780 / 2,206, 2,156 / 1,939 / 2,142 and 2,116 / 1,679 / 1,995 for one 2-thread instance "
         "(ahead in 8 rounds of 9); 8 clients even or ahead (medians 2,070, 2,135 and 1,902 against 2,134, "
