@@ -43,6 +43,11 @@ class ServeConfig:
     max_request_pixels: int = MAX_REQUEST_PIXELS  # decoded image pixels per request
 
     @property
+    def rows_per_call(self) -> int:
+        """The most rows one model call takes: ``call_rows``, at most ``max_batch``."""
+        return min(self.call_rows or self.max_batch, self.max_batch)
+
+    @property
     def queue_rows(self) -> int:
         return max(self.max_batch, 8 * self.max_batch if self.max_queue is None else self.max_queue)
 
@@ -51,7 +56,7 @@ class ServeConfig:
             raise InvalidInputError(f"--max-batch must be >= 1, got {self.max_batch}")
         if not 1 <= self.instances <= 64:
             raise InvalidInputError(f"--instances must be 1-64, got {self.instances}")
-        if self.call_rows is not None and not 1 <= self.call_rows:
+        if self.call_rows is not None and self.call_rows < 1:
             raise InvalidInputError(f"--call-rows must be >= 1, got {self.call_rows}")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise InvalidInputError(f"--max-delay-ms must be between 0 and 10000, got {self.max_delay_ms}")
@@ -397,7 +402,7 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     log(f"edgecnn serve: listening on http://{shown}:{port} model {model.name!r} on {model.clf.runtime.describe()}; "
         f"max batch {cfg.max_batch}, max delay {cfg.max_delay_ms:g} ms, {cfg.instances} instance(s)"
         + (f" of {model.threads} thread(s)" if model.threads else "")
-        + (f" taking at most {cfg.call_rows} rows a call" if cfg.call_rows and cfg.call_rows < cfg.max_batch else "")
+        + (f" taking at most {cfg.rows_per_call} rows a call" if cfg.rows_per_call < cfg.max_batch else "")
         + (f", a lone request on {model.lone_threads} threads" if model.lone_threads != model.threads else "")
         + ", "
         f"queue {cfg.queue_rows} rows, {cfg.max_concurrency} requests at once, batching {model.batching}"

@@ -162,7 +162,7 @@ class ServedModel:
                   "spinning": self.spinning,
                   "class_names": json.dumps(list(self.clf.class_names)),
                   "max_batch_size": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
-                  "instances": cfg.instances, "call_rows": min(getattr(cfg, "call_rows", None) or cfg.max_batch, cfg.max_batch),
+                  "instances": cfg.instances, "call_rows": cfg.rows_per_call,
                   "max_queue_rows": getattr(cfg, "queue_rows", None),
                   "batching": self.batching}
         params = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool))}

@@ -167,7 +167,6 @@ def test_instances_run_calls_at_the_same_time():
     run(main())
 
 
-
 def test_call_rows_spread_the_queue_over_the_instances_and_each_request_gets_its_own_rows():
     async def main():
         fake, sizes = Fake(), []
@@ -186,6 +185,7 @@ def test_call_rows_spread_the_queue_over_the_instances_and_each_request_gets_its
     run(main())
     with pytest.raises(ValueError, match="call_rows"):
         Batcher(Fake(), max_batch=4, call_rows=0)
+
 
 def test_memory_error_from_the_model_is_a_request_failure_not_death():
     def model(x):
@@ -538,7 +538,6 @@ def test_run_now_runs_a_lone_request_on_the_calling_thread_and_counts_it_as_a_ba
     run(main())
 
 
-
 def test_run_now_calls_run_lone_and_batches_call_run():
     async def main():
         lone, fake = OnLoop(result=None), Fake()
@@ -550,6 +549,7 @@ def test_run_now_calls_run_lone_and_batches_call_run():
         await b.stop()
 
     run(main())
+
 
 def test_run_now_declines_while_a_call_runs_or_rows_are_queued():
     async def main():
