@@ -419,5 +419,5 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
     log(f"edgecnn serve: stopped; {m.accepted} inference requests accepted ({app.untasked} without a task), "
         f"{m.answered} answered, {m.gone} dropped (client gone)"
         + ("; the batcher died" if app.fatal is not None else "")
-        + (f"; model calls: {model.hot_calls} spinning, {model.cold_calls} not" if model.spinning == "adaptive" else ""))
+        + ("; model calls: {} spinning, {} not".format(*model.call_counts()) if model.spinning == "adaptive" else ""))
     return counts

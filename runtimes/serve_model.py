@@ -122,6 +122,13 @@ class ServedModel:
         self._last_end = time.perf_counter()
         return out
 
+    def call_counts(self) -> tuple[int, int]:
+        """(spinning, not) model calls so far, the lone request's session included."""
+        if self._lone is None:
+            return self.hot_calls, self.cold_calls
+        hot, cold = self._lone.call_counts()
+        return self.hot_calls + hot, self.cold_calls + cold
+
     def run_lone(self, x: np.ndarray) -> np.ndarray:
         """A call that runs alone (nothing else running or queued): on the session with every usable
         thread where the instances' sessions have fewer (``lone_threads``), else ``run``."""
