@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from edgecnn.errors import InvalidInputError, MissingDependencyError
 
-from .serve_app import GONE_CALLBACK, GONE_FLAG, App, HTTPError, Metrics  # noqa: F401 - re-exported
+from .serve_app import GONE_CALLBACK, GONE_FLAG, INLINE_BODY_BYTES, App, HTTPError, Metrics  # noqa: F401 - re-exported
 from .serve_model import (  # noqa: F401 - re-exported
     IMAGES_INPUT,
     MAX_REQUEST_PIXELS,
@@ -139,6 +140,61 @@ class RequestCount:
     n = 0
 
 
+# The lean path's request head: "POST <target> HTTP/1.1", then header lines of a token name, a colon and a
+# value of visible characters, spaces and tabs, then the blank line. Anything else goes to httptools.
+_LEAN_HEAD = re.compile(rb"POST ([!-~]+) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
+_LEAN_FIELD = re.compile(rb"([^:\r\n]+):[\t ]*([^\r\n]*?)[\t ]*\r\n")
+_LEAN_HEAD_MAX = 8192
+_LEAN_REFUSED = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"connection"))
+
+
+class _NoEvent:
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+_NO_EVENT = _NoEvent()
+
+
+class _LeanCycle:
+    """What uvicorn's protocol and _reply read of a request on the lean path (in place of its cycle)."""
+
+    __slots__ = ("scope", "response_complete", "response_started", "keep_alive", "disconnected", "on_response")
+    message_event = _NO_EVENT
+
+    def __init__(self, on_response) -> None:
+        self.scope = {"type": "http", "method": "POST"}
+        self.response_complete = self.response_started = self.disconnected = False
+        self.keep_alive = True
+        self.on_response = on_response
+
+
+def _lean_head(head: bytes, targets: set[bytes] = frozenset()) -> tuple[int, str | None] | None:
+    """A request head (through its blank line) -> (Content-Length, Inference-Header-Content-Length) when the
+    request may take the lean path, else None."""
+    m = _LEAN_HEAD.fullmatch(head)
+    if m is None or m.group(1) not in targets:
+        return None
+    size = header_len = None
+    for name, value in _LEAN_FIELD.findall(m.group(2)):
+        name = name.lower()
+        if name == b"content-length":
+            if size is not None or not value.isdigit():
+                return None
+            size = int(value)
+        elif name == b"inference-header-content-length":
+            if header_len is not None:
+                return None
+            header_len = value.decode("latin-1")
+        elif name in _LEAN_REFUSED and (name != b"connection" or value.lower() != b"keep-alive"):
+            return None
+    if size is None or not 0 < size <= INLINE_BODY_BYTES:
+        return None
+    return size, header_len
+
+
 def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | None = None):
     """uvicorn's httptools protocol, plus a header timer: a connection that sends nothing, or only part of
     a request's headers, within ``read_timeout_s`` is closed (uvicorn only times out idle keep-alives).
@@ -149,12 +205,14 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
     its answer is written in one send: no task, no ASGI messages (in-process, with an instant model: ~120 us
     of loop CPU per binary request, against ~165-240 us through uvicorn's task and ASGI cycle). What that
     declines, and every other request, runs the ASGI app as before."""
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-
-    from .serve_app import INLINE_BODY_BYTES
 
     fast_paths = set() if app is None else {f"/v2/models/{app.model.name}/infer",
                                             f"/v2/models/{app.model.name}/versions/{MODEL_VERSION}/infer"}
+    lean_targets = {p.encode() for p in fast_paths}
+    _defaults: list = [None, b""]  # uvicorn's default headers, and their bytes
+    heads: dict[bytes, tuple[int, str | None] | None] = {}  # a request head -> its lean reading (_lean_one)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _header_timer = None
@@ -162,6 +220,13 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
         _waiting = None  # the cycle whose body is still arriving, for the task-free path
         _receiving = False  # inside data_received
         _header_len = None
+        # The lean path (with ``app``): see _lean_one. A connection is "slow" while httptools parses it.
+        _lean_ok = bool(lean_targets)
+        _slow = not _lean_ok
+        _open = 0  # slow: messages httptools began and did not complete
+        _buf = b""  # lean: bytes received and not handled yet (a request's answer goes before the next)
+        _lean_busy = False  # lean: a request is in flight
+        _feeding = False  # inside _lean_feed
 
         def _uncount(self) -> None:
             if self._counted:
@@ -201,6 +266,7 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._arm()
+            self._open += 1
             if not self._counted:
                 self._counted = True
                 begun.n += 1
@@ -208,6 +274,8 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
         def on_response_complete(self) -> None:
             self._uncount()
             super().on_response_complete()
+            if not self._receiving:
+                self._back_to_lean()
 
         def on_headers_complete(self) -> None:
             self._disarm()
@@ -248,6 +316,9 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
             super()._start_asgi_task(cycle, asgi)
 
         def data_received(self, data: bytes) -> None:
+            if not self._slow:
+                self._lean_received(data)
+                return
             self._receiving = True
             try:
                 super().data_received(data)
@@ -257,8 +328,116 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
             if cycle is not None:  # the body did not all arrive: the ASGI app reads it, with its timeout
                 self._waiting = None
                 super()._start_asgi_task(cycle, self.app)
+            self._back_to_lean()
+
+        # ---- the lean path -------------------------------------------------------------------
+        # A connection starts lean: a request that arrives whole (headers and body in what was received),
+        # at a request boundary, and is what _takes would pass (a POST to the infer path, a small
+        # Content-Length body, HTTP/1.1, none of Transfer-Encoding, Content-Encoding, Expect, Upgrade or a
+        # Connection header other than keep-alive, only well-formed header lines) is parsed here with one
+        # regex and goes straight to ``app.infer_without_task``: no httptools callbacks, no ASGI scope,
+        # cycle, Event or header timer. Anything else (a partial request, any other request, one the app
+        # declines) is handed, with every byte buffered after it, to httptools and uvicorn as before, and
+        # the connection stays with them until they have answered everything they began (_back_to_lean),
+        # so every limit, timeout and error answer keeps its one path. Requests that arrive while one is
+        # in flight wait in ``_buf`` (answers go out in order); past HIGH_WATER_LIMIT reading pauses.
+        def _lean_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            self._unset_keepalive_if_required()
+            self._buf = self._buf + data if self._buf else data
+            if not self._lean_busy and not self._feeding:
+                self._lean_feed()
+            elif len(self._buf) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+
+        def _lean_feed(self) -> None:
+            self._feeding = True
+            try:
+                while self._buf and not self._lean_busy and not self._slow:
+                    if not self._lean_one():
+                        buf, self._buf = self._buf, b""
+                        self._slow = True
+                        self._open = 0
+                        self.data_received(buf)  # httptools parses it from a request boundary
+                        return
+            finally:
+                self._feeding = False
+            if self._lean_busy and len(self._buf) > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+
+        def _lean_one(self) -> bool:
+            """Starts the request at the head of ``_buf`` if it takes the lean path, else returns False
+            having changed nothing."""
+            buf = self._buf
+            start = buf.find(b"\r\n\r\n", 0, _LEAN_HEAD_MAX) + 4
+            if start < 4:
+                return False
+            head = buf[:start]
+            try:
+                reading = heads[head]  # a client sends the same head with every request
+            except KeyError:
+                reading = _lean_head(head, lean_targets)
+                if len(heads) >= 256:
+                    heads.clear()
+                heads[head] = reading
+            if reading is None:
+                return False
+            size, header_len = reading
+            if len(buf) < start + size:
+                return False
+            lc = self.limit_concurrency
+            if lc is not None and (len(self.connections) >= lc or len(self.tasks) >= lc):
+                return False  # uvicorn answers 503 past its limit
+            cycle = _LeanCycle(self._lean_done)
+            previous = self.cycle
+            self.cycle = cycle  # what uvicorn's shutdown and connection_lost read
+            self._lean_busy = True
+            self._disarm()
+            self._counted = True
+            begun.n += 1
+            end = start + size
+            body = memoryview(buf)[start:end] if header_len is not None else buf[start:end]
+            self._buf = buf[end:]  # consumed before the answer, which may come at once (a failure)
+            got = app.infer_without_task(cycle.scope, body, header_len,
+                                         lambda status, out, headers: self._reply(cycle, status, out, headers))
+            if got is False:  # declined (nothing answered): uvicorn and the ASGI app answer it
+                self._buf = buf
+                self.cycle = previous
+                self._lean_busy = False
+                self._uncount()
+                return False
+            app.lean += 1
+            if not got.done():  # a graceful shutdown waits for it like a task
+                self.tasks.add(got)
+                got.add_done_callback(self.tasks.discard)
+            return True
+
+        def _lean_done(self) -> None:
+            """uvicorn's on_response_complete, for a lean request."""
+            self.server_state.total_requests += 1
+            self._uncount()
+            self._lean_busy = False
+            if self.transport.is_closing():
+                return
+            self.flow.resume_reading()
+            if self._buf:
+                if not self._feeding:
+                    self._lean_feed()
+            else:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+
+        def _back_to_lean(self) -> None:
+            """A slow connection goes lean again once httptools holds no part of a request (every message it
+            began is complete) and every answer is sent: its parser is at a request boundary."""
+            if (self._slow and self._lean_ok and self._open == 0 and not self.pipeline and self.cycle is not None
+                    and self.cycle.response_complete and self.cycle.keep_alive and self._waiting is None
+                    and not self.transport.is_closing()):
+                self._slow = False
 
         def on_message_complete(self) -> None:
+            self._open -= 1
             super().on_message_complete()
             cycle = self._waiting
             if cycle is not None and cycle is self.cycle and not cycle.more_body:
@@ -286,10 +465,11 @@ def _guarded_protocol(read_timeout_s: float, begun: RequestCount, app: App | Non
                     self.transport.close()
                 return
             ctype = headers.pop("content-type", b"application/json")
-            content = [STATUS_LINE[status]]
-            for name, value in self.server_state.default_headers:
-                content += [name.lower(), b": ", value, b"\r\n"]
-            content += [b"content-type: ", ctype, b"\r\ncontent-length: %d\r\n" % len(body)]
+            defaults = self.server_state.default_headers  # a new list when its date changes (once a second)
+            if defaults is not _defaults[0]:
+                _defaults[:] = [defaults, b"".join(b"%s: %s\r\n" % (name.lower(), value) for name, value in defaults)]
+            content = [STATUS_LINE[status], _defaults[1], b"content-type: ", ctype,
+                       b"\r\ncontent-length: %d\r\n" % len(body)]
             for k, v in headers.items():
                 content += [k.encode(), b": ", str(v).encode(), b"\r\n"]
             if headers.get("connection") == "close":
@@ -416,7 +596,8 @@ def serve(model: ServedModel, cfg: ServeConfig, log=None) -> dict:
             logging.getLogger(name).removeFilter(quiet)
     m = app.metrics
     counts = {"accepted": m.accepted, "answered": m.answered, "dropped": m.gone, "died": app.fatal is not None}
-    log(f"edgecnn serve: stopped; {m.accepted} inference requests accepted ({app.untasked} without a task), "
+    log(f"edgecnn serve: stopped; {m.accepted} inference requests accepted ({app.untasked} without a task, "
+        f"{app.lean} of them read by the lean parser), "
         f"{m.answered} answered, {m.gone} dropped (client gone)"
         + ("; the batcher died" if app.fatal is not None else "")
         + ("; model calls: {} spinning, {} not".format(*model.call_counts()) if model.spinning == "adaptive" else ""))

@@ -149,6 +149,7 @@ class App:
         self._metadata: bytes | None = None
         self.begun = None  # serve.RequestCount when the HTTP protocol keeps it (else nothing runs inline)
         self.untasked = 0  # inference requests accepted by infer_without_task
+        self.lean = 0  # of those, requests serve.py's protocol read itself (its lean path)
 
     # ---- ASGI entry ---------------------------------------------------------------------------
     async def __call__(self, scope, receive, send) -> None:

@@ -237,6 +237,9 @@ class ServedModel:
     def tensor_input(t: InputTensor) -> np.ndarray:
         """The model's own tensor (checked by ``the_input``) -> the batch to run; NaN/Inf refused."""
         x = t.data
+        if not x.flags.aligned:  # binary data at an odd offset in the body: numpy's loops on it (and its own
+            # copy) run ~8x slower than a byte copy to an aligned buffer (~20 us against ~2.5 us at 1x3x64x64)
+            x = np.frombuffer(bytearray(x.reshape(-1).view(np.uint8)), x.dtype).reshape(x.shape)
         if x.dtype == np.float32 and not np.isfinite(x).all():
             raise ProtocolError(f"input {t.name!r} contains NaN or Inf")
         return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))

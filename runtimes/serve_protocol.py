@@ -255,6 +255,12 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             raise ProtocolError(f"Inference-Header-Content-Length {json_len} is outside the body ({len(body)} bytes)")
     else:
         json_len = len(body)
+    key = None
+    if json_len < len(body) and json_len <= TEMPLATE_HEAD_BYTES:  # a JSON header and binary data
+        key = bytes(memoryview(body)[:json_len])
+        template = _templates.get(key)
+        if template is not None and template[0] == len(body) - json_len:
+            return _from_template(template, memoryview(body)[json_len:])
     head = body if json_len == len(body) else memoryview(body)[:json_len]
     req = _simd_request(head) if _simdjson is not None and json_len >= SIMD_MIN_BYTES else None
     if req is None:
@@ -270,6 +276,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     binary = memoryview(body)[json_len:]
     offset = 0
     inputs = []
+    specs = []  # (name, datatype, shape, dtype, size) while every input is a numeric binary tensor
     for spec in req["inputs"]:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError("each input needs a 'name'")
@@ -293,9 +300,14 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
                 if size != count * itemsize:
                     raise ProtocolError(f"input {name!r}: shape {list(shape)} of {datatype} needs "
                                         f"{count * itemsize} bytes, binary_data_size is {size}")
-                data = np.frombuffer(raw, dtype=np.dtype(NUMPY_OF[datatype]).newbyteorder("<")).reshape(shape)
+                dtype = np.dtype(NUMPY_OF[datatype]).newbyteorder("<")
+                data = np.frombuffer(raw, dtype=dtype).reshape(shape)
+                if specs is not None:
+                    specs.append((name, datatype, shape, dtype, size))
         else:
             data = _json_input(spec, name, datatype, shape)
+        if datatype == "BYTES" or size is None:
+            specs = None
         inputs.append(InputTensor(name, datatype, shape, data))
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
@@ -317,8 +329,32 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
             outputs.append(RequestedOutput(o["name"], bool(params.get("binary_data_output", False)) if b is None
                                            else bool(b), k))
     rid = req.get("id")
-    return InferRequest(str(rid) if rid is not None else None, inputs, outputs,
-                        bool(params.get("binary_data_output", False)), params)
+    rid = str(rid) if rid is not None else None
+    binary_default = bool(params.get("binary_data_output", False))
+    if key is not None and specs:
+        if len(_templates) >= TEMPLATES:
+            _templates.clear()
+        _templates[key] = (offset, tuple(specs), rid, None if outputs is None else tuple(outputs), binary_default,
+                           params)
+    return InferRequest(rid, inputs, outputs, binary_default, params)
+
+
+# A client sends the same JSON header with every binary request (the same input, shape and outputs): the
+# request it describes, checked once, is kept by the header's bytes, and a later body whose binary part has
+# the size that header claims reads its tensors straight from it (a header seen once is parsed as above).
+TEMPLATE_HEAD_BYTES = 2048
+TEMPLATES = 64
+_templates: dict[bytes, tuple] = {}
+
+
+def _from_template(template: tuple, binary: memoryview) -> InferRequest:
+    _, specs, rid, outputs, binary_default, params = template
+    inputs, offset = [], 0
+    for name, datatype, shape, dtype, size in specs:
+        data = np.frombuffer(binary[offset: offset + size], dtype=dtype).reshape(shape)
+        inputs.append(InputTensor(name, datatype, shape, data))
+        offset += size
+    return InferRequest(rid, inputs, None if outputs is None else list(outputs), binary_default, dict(params))
 
 
 @dataclass

@@ -399,7 +399,8 @@ def test_sigterm_answers_the_request_in_flight_and_exits_0_despite_stalled_conne
     assert status == 200, body
     _check_answer(body, clf.run(box["x"]))
     assert "Traceback" not in log, log
-    assert re.search(r"stopped; 1 inference requests accepted \(\d+ without a task\), 1 answered", log), log
+    assert re.search(r"stopped; 1 inference requests accepted \(\d+ without a task, \d+ of them read by the lean "
+                     r"parser\), 1 answered", log), log
 
 
 _DIE = """
@@ -638,6 +639,63 @@ def test_the_task_free_path_answers_byte_for_byte_as_the_asgi_path(trained, clf,
         rc = s.stop()
     log = s.log.read_text()
     assert rc == 0 and "Traceback" not in log, log
-    m = re.search(r"stopped; (\d+) inference requests accepted \((\d+) without a task\)", log)
+    m = re.search(r"stopped; (\d+) inference requests accepted \((\d+) without a task,", log)
     # accepted: each case twice (the ASGI path accepts a body before parsing it), the bad shape twice, 3 + 1
     assert m and int(m.group(2)) == fast and int(m.group(1)) == 2 * len(cases) + 6, log
+
+
+def test_the_lean_parser_takes_whole_requests_and_leaves_the_rest_to_httptools_then_takes_over_again(
+        trained, clf, tmp_path):
+    """serve.py reads a whole, plain binary infer request itself (no httptools callbacks, no ASGI cycle);
+    a split request, any other request, or one pipelined behind those goes to httptools and uvicorn, and the
+    connection comes back to the lean parser once they have answered all they began. Every answer in order
+    and correct; the stop line counts exactly the requests the lean parser read."""
+    s = Server(trained.onnx, tmp_path / "lean.log", "--max-batch", "8")
+    lean = 0
+    try:
+        rng = np.random.default_rng(23)
+        xs = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(4)]
+        ready = b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n"
+        deadline = time.monotonic() + 60
+        pending = bytearray()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+
+            def infer(x, data=None, count=True):
+                nonlocal lean
+                c.sendall(data or _raw(x))
+                head, body = _read_response(c, deadline, pending)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                _check_answer(body, clf.run(x))
+                lean += count
+
+            infer(xs[0])  # whole: lean
+            split = _raw(xs[1])
+            c.sendall(split[:3000])  # headers and part of the body, then the rest: httptools reads it
+            time.sleep(0.3)
+            infer(xs[1], split[3000:], count=False)
+            infer(xs[2])  # lean again: httptools finished what it began
+            infer(xs[3], _raw(xs[3], extra="connection: keep-alive\r\n"))  # keep-alive said aloud: still lean
+            c.sendall(ready)  # not an infer request: httptools
+            head, _ = _read_response(c, deadline, pending)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            infer(xs[0])  # lean again
+            # pipelined in one send: the first is lean; the GET behind it goes to httptools with the third
+            c.sendall(_raw(xs[1]) + ready + _raw(xs[2]))
+            for i, x in enumerate((xs[1], None, xs[2])):
+                head, body = _read_response(c, deadline, pending)
+                assert head.startswith(b"HTTP/1.1 200"), (i, head)
+                if x is not None:
+                    _check_answer(body, clf.run(x))
+            lean += 1
+            infer(xs[3])  # and back to lean
+            assert not pending
+    finally:
+        rc = s.stop()
+    log = s.log.read_text()
+    assert rc == 0 and "Traceback" not in log, log
+    m = re.search(r"stopped; (\d+) inference requests accepted \((\d+) without a task, (\d+) of them read by the lean "
+                  r"parser\), (\d+) answered", log)
+    assert m, log
+    accepted, untasked, got_lean, answered = (int(g) for g in m.groups())
+    # 8 infer requests: 6 lean, the split one through an ASGI task, the pipelined third from httptools
+    assert accepted == answered == 8 and got_lean == lean == 6 and untasked == 7, log
