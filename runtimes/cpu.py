@@ -255,7 +255,11 @@ MEASURED = {
         "1,301 against 1,366 / 1,408 / 1,186 (median 5% lower). In alternated probes two instances taking "
         "every queued row left one idle (1.53 cores busy, against 1.7 with 2-row calls). Not re-measured "
         "elsewhere: amd-epyc-avx2 measured --instances 2 -O threads=1 no better than one 2-thread "
-        "instance, before the 2-row calls and the lone session existed"),
+        "instance, before the 2-row calls and the lone session existed. Since the lean parser (a057fd3; runs "
+        "0592df7, 3021cac and the one after) the two are even: 32 clients 1,643 / 1,761 / 1,857, 2,415 / "
+        "2,109 / 2,671 and 2,647 / 2,686 / 2,761 against 1,888 / 1,759 / 1,938, 2,215 / 2,134 / 2,374 and "
+        "2,762 / 2,788 / 2,916 req/s (ahead in 3 rounds of 9), server CPU per request 964 / 740 / 664 against "
+        "961 / 853 / 684 us; kept until a run decides it"),
     "fast_paths": (
         "tune candidates follow the ISA: bf16 (and int8 with bf16 float ops) only where bf16 is native "
         "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO does not list BF16 among the CPU's capabilities, "
