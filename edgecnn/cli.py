@@ -698,8 +698,8 @@ def serve(model, runtime, host, port, max_batch, max_delay_ms, instances, call_r
     if cfg.instances > 1 and "threads" not in typed:
         # N batches run at once on one model: split the usable CPUs between them, never more threads than
         # CPUs; a call that runs alone (nothing else running or queued) still gets every usable CPU
-        typed["threads"] = max(1, usable_cpus() // cfg.instances)
         lone_threads = usable_cpus()
+        typed["threads"] = max(1, lone_threads // cfg.instances)
     adaptive = False
     if "spinning" not in typed:
         # ORT's intra-op spinning: back to back it cuts a batch-1 call by about a third and raises req/s at

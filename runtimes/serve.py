@@ -171,9 +171,9 @@ class _LeanCycle:
         self.on_response = on_response
 
 
-def _lean_head(head: bytes, targets: set[bytes] = frozenset()) -> tuple[int, str | None] | None:
+def _lean_head(head: bytes, targets: set[bytes]) -> tuple[int, str | None] | None:
     """A request head (through its blank line) -> (Content-Length, Inference-Header-Content-Length) when the
-    request may take the lean path, else None."""
+    request, to one of ``targets``, may take the lean path, else None."""
     m = _LEAN_HEAD.fullmatch(head)
     if m is None or m.group(1) not in targets:
         return None
