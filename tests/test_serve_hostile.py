@@ -687,7 +687,8 @@ def test_the_lean_parser_takes_whole_requests_and_leaves_the_rest_to_httptools_t
                 if x is not None:
                     _check_answer(body, clf.run(x))
             lean += 1
-            infer(xs[3])  # and back to lean
+            for _ in range(3):  # and back to lean (three, so that a connection that stayed with httptools shows)
+                infer(xs[3])
             assert not pending
     finally:
         rc = s.stop()
@@ -697,5 +698,9 @@ def test_the_lean_parser_takes_whole_requests_and_leaves_the_rest_to_httptools_t
                   r"parser\), (\d+) answered", log)
     assert m, log
     accepted, untasked, got_lean, answered = (int(g) for g in m.groups())
-    # 8 infer requests: 6 lean, the split one through an ASGI task, the pipelined third from httptools
-    assert accepted == answered == 8 and got_lean == lean == 6 and untasked == 7, log
+    # 10 infer requests: 8 whole ones the lean parser should read, the split one (an ASGI task) and the
+    # pipelined third (httptools, without a task). A whole request may still reach the server in two reads
+    # on a loaded machine (seen once in a CI run beside other work): httptools then reads it, correctly, so
+    # one such miss is allowed. A connection that never came back after a hand-over would lose 3 or more.
+    assert accepted == answered == 10 and lean == 8 and lean - 1 <= got_lean <= lean, log
+    assert got_lean <= untasked <= got_lean + 1, log  # + the pipelined third, unless its bytes came late too
