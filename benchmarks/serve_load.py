@@ -670,13 +670,14 @@ def run(a) -> dict:
                 ("edgecnn", "image"): [binary_request("model", input_name, "image", b) for b in jpegs],
                 ("mlserver", "json"): [http_post("model", b) for b in jbodies]}  # the same bytes
         reqs[("edgecnn-also", "binary")] = reqs[("edgecnn", "binary")]
+        reqs[("edgecnn-also", "image")] = reqs[("edgecnn", "image")]
         refs = {"json": ref_tensor, "binary": ref_tensor, "image": ref_image}
 
         servers: dict[str, Server] = {}
         notes, failures = [], []
         try:
             servers["edgecnn"] = EdgecnnServer(folder, model, server_options).start()
-            if a.also:  # the same binary phases against another configuration, in the same rounds
+            if a.also:  # the same binary and JPEG phases against another configuration, in the same rounds
                 servers["edgecnn-also"] = EdgecnnServer(folder, model, server_options, shlex.split(a.also),
                                                         label="edgecnn-also").start()
             if a.no_mlserver:
@@ -701,6 +702,8 @@ def run(a) -> dict:
                     plan.append(("edgecnn-also", "binary", c))
             if a.image:
                 plan.append(("edgecnn", "image", most))
+                if "edgecnn-also" in servers:
+                    plan.append(("edgecnn-also", "image", most))
             offs, samples = [], {}
             for rnd in range(a.rounds):
                 quiet(list(servers.values()))
@@ -852,7 +855,8 @@ def write(res: dict, out: Path, command: str) -> None:
         f"- edgecnn serve, default settings: `{res['edgecnn_command']}`; it said: `{res['edgecnn_listening']}`.",
     ]
     if res.get("also"):
-        lines.append(f"- edgecnn serve `{res['also']}` (the binary rows \"edgecnn serve {res['also']}\", same rounds): "
+        lines.append(f"- edgecnn serve `{res['also']}` (the binary and JPEG rows \"edgecnn serve {res['also']}\", "
+                     "same rounds): "
                      f"`{res['also_command']}`; it said: `{res['also_listening']}`.")
     if ml:
         ms = ml["model-settings.json"]
@@ -866,7 +870,7 @@ def write(res: dict, out: Path, command: str) -> None:
            " | errors | wrong answers |"
     lines += ["", "## Throughput and latency", "", head, "|---|---|" + "---|---|---|" * len(cs) + "---|---|"]
     row_kinds = [("edgecnn", "json"), ("edgecnn", "binary"), ("edgecnn-also", "binary"), ("edgecnn", "image"),
-                 ("mlserver", "json"), ("mlserver", "binary")]
+                 ("edgecnn-also", "image"), ("mlserver", "json"), ("mlserver", "binary")]
     shown = {"edgecnn": "edgecnn serve", "mlserver": "MLServer", "edgecnn-also": f"edgecnn serve {res.get('also')}"}
     for name, enc in row_kinds:
         rs = [by.get((name, enc, c)) for c in cs]
@@ -903,16 +907,18 @@ def write(res: dict, out: Path, command: str) -> None:
                   f"clients {b['throughput']:,.0f} / {off['parallel_b64_img_s']:,.0f} = "
                   f"{b['throughput'] / off['parallel_b64_img_s']:.0%}."]
     if res.get("also"):
-        lines += ["", f"## Default against `{res['also']}`, round by round (binary req/s; 1 client: p50 ms)", "",
-                  "| clients | " + " | ".join(f"round {i}" for i in range(res["rounds"])) + " |",
-                  "|---|" + "---|" * res["rounds"]]
-        for c in cs:
-            d, o = by.get(("edgecnn", "binary", c)), by.get(("edgecnn-also", "binary", c))
-            if d and o:
-                key, fmt = ("p50_ms", ".3f") if c == 1 else ("throughput", ",.0f")
-                cells = [f"{format(x[key], fmt)} vs {format(y[key], fmt)}"
-                         for x, y in zip(d["per_round"], o["per_round"], strict=False)]
-                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines += ["", f"## Default against `{res['also']}`, round by round (req/s; 1 client: p50 ms)", "",
+                  "| body | clients | " + " | ".join(f"round {i}" for i in range(res["rounds"])) + " |",
+                  "|---|---|" + "---|" * res["rounds"]]
+        for enc in ("binary", "image"):
+            for c in cs:
+                d, o = by.get(("edgecnn", enc, c)), by.get(("edgecnn-also", enc, c))
+                if d and o:
+                    key, fmt = ("p50_ms", ".3f") if c == 1 else ("throughput", ",.0f")
+                    cells = [f"{format(x[key], fmt)} vs {format(y[key], fmt)}"
+                             for x, y in zip(d["per_round"], o["per_round"], strict=False)]
+                    label = {"binary": "binary tensor", "image": "JPEG BYTES"}[enc]
+                    lines.append(f"| {label} | {c} | " + " | ".join(cells) + " |")
     lines += ["", "## Where the server's own cost per request goes", "",
               "Server-side means per request from edgecnn's /metrics (edgecnn_request_duration_seconds: from the "
               "request's headers to its encoded answer; edgecnn_queue_seconds: waiting for its batch to start; "
@@ -971,7 +977,7 @@ def main() -> int:
     ap.add_argument("--no-image", dest="image", action="store_false", help="skip the JPEG BYTES row")
     ap.add_argument("--also", default=None, metavar="ARGS",
                     help="a second `edgecnn serve` with these extra arguments (e.g. \"--instances 1\"): its binary "
-                         "phases run in the same rounds, beside the default's")
+                         "and JPEG phases run in the same rounds, beside the default's")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 round of 1 s phases, 0.5 s warm-up")
     ap.add_argument("--fail-on-targets", action="store_true", help="exit 3 when a target is missed")
