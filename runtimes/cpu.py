@@ -259,7 +259,10 @@ MEASURED = {
         "0592df7, 3021cac and the one after) the two are even: 32 clients 1,643 / 1,761 / 1,857, 2,415 / "
         "2,109 / 2,671 and 2,647 / 2,686 / 2,761 against 1,888 / 1,759 / 1,938, 2,215 / 2,134 / 2,374 and "
         "2,762 / 2,788 / 2,916 req/s (ahead in 3 rounds of 9), server CPU per request 964 / 740 / 664 against "
-        "961 / 853 / 684 us; kept until a run decides it"),
+        "961 / 853 / 684 us. Three runs at 370e7ad (the leaner load client, ~40 instead of ~87 client CPU us "
+        "per request) decided it for the split: 32 clients medians 2,518 / 2,367 / 2,496 against 1,998 / "
+        "2,272 / 2,161 req/s (ahead in 8 rounds of 9), server CPU per request 727 / 773 / 728 against 961 / "
+        "892 / 896 us; 8 clients and 1 client even; JPEG BYTES at 32 clients even (ahead in 4 rounds of 9)"),
     "fast_paths": (
         "tune candidates follow the ISA: bf16 (and int8 with bf16 float ops) only where bf16 is native "
         "(AVX-512 BF16 or AMX-BF16; elsewhere OpenVINO does not list BF16 among the CPU's capabilities, "
