@@ -834,6 +834,9 @@ def _f(v, fmt):
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
 
+BODY_LABEL = {"json": "JSON", "binary": "binary", "image": "JPEG BYTES (binary)"}  # an encoding, as the tables name it
+
+
 def write(res: dict, out: Path, command: str) -> None:
     off = res["offline"]
     cs = res["clients"]
@@ -882,8 +885,7 @@ def write(res: dict, out: Path, command: str) -> None:
             continue
         cells = " | ".join(f"{r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f}" if r else "- | - | -"
                            for r in rs)
-        label = {"json": "JSON", "binary": "binary", "image": "JPEG BYTES (binary)"}[enc]
-        lines.append(f"| {shown[name]} | {label} | {cells} | "
+        lines.append(f"| {shown[name]} | {BODY_LABEL[enc]} | {cells} | "
                      f"{sum(r['errors'] for r in rs if r)} | {sum(r['wrong_answers'] for r in rs if r)} of "
                      f"{sum(r['requests'] for r in rs if r):,} |")
     spin = "on" if res["runtime_default_spinning"] else "off"
@@ -917,8 +919,7 @@ def write(res: dict, out: Path, command: str) -> None:
                     key, fmt = ("p50_ms", ".3f") if c == 1 else ("throughput", ",.0f")
                     cells = [f"{format(x[key], fmt)} vs {format(y[key], fmt)}"
                              for x, y in zip(d["per_round"], o["per_round"], strict=False)]
-                    label = {"binary": "binary tensor", "image": "JPEG BYTES"}[enc]
-                    lines.append(f"| {label} | {c} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {BODY_LABEL[enc]} | {c} | " + " | ".join(cells) + " |")
     lines += ["", "## Where the server's own cost per request goes", "",
               "Server-side means per request from edgecnn's /metrics (edgecnn_request_duration_seconds: from the "
               "request's headers to its encoded answer; edgecnn_queue_seconds: waiting for its batch to start; "
